@@ -1,0 +1,232 @@
+"""The ``denseseg`` command: thin sub-commands that parse arguments and call the library.
+
+Errors a user can cause end in one line on stderr (``denseseg: error: ...``) and exit status 2;
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from denseseg.errors import DensesegError
+
+log = logging.getLogger("denseseg")
+
+
+class _TqdmHandler(logging.Handler):
+    # Log lines through tqdm.write so they do not tear the progress bar.
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+# ---------------------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    from denseseg.config import load_config
+    from denseseg.engine.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    resume: bool | str = False if args.resume is None else (args.resume or True)
+    result = train(cfg, resume=resume)
+    m = result["metrics"]
+    summary = f"; val mIoU {100 * m['mIoU']:.2f}%" if m else ""
+    print(f"trained {result['step']} steps{summary}; checkpoints in {result['out_dir']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- eval
+def cmd_eval(args: argparse.Namespace) -> int:
+    from denseseg.api import load_model
+    from denseseg.data.registry import get_dataset
+    from denseseg.engine.evaluate import evaluate
+    from denseseg.errors import DataError
+    from denseseg.metrics import format_table, save_results
+    from denseseg.viz import plot_confusion_matrix, plot_per_class_iou
+
+    seg = load_model(args.model, device=args.device)
+    ds = get_dataset(args.dataset, args.root, args.split)
+    if ds.num_classes != seg.num_classes:
+        raise DataError(
+            f"dataset {args.root} has {ds.num_classes} classes, model {args.model} predicts "
+            f"{seg.num_classes}"
+        )
+    metrics = evaluate(
+        seg, ds, batch_size=args.batch_size, num_workers=args.workers, absent=args.absent
+    )
+    results = metrics.compute()
+    print(format_table(results, seg.class_names))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = save_results(results, seg.class_names, out, confusion=metrics.confusion)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(written["json"], args.json)
+    plot_confusion_matrix(metrics.confusion, seg.class_names, out / "confusion_matrix.png")
+    plot_per_class_iou(
+        results["IoU"],
+        seg.class_names,
+        out / "per_class_iou.png",
+        title=f"{args.split}",
+        palette=seg.palette,
+    )
+    print(f"wrote {out}/metrics.json, per_class.csv, confusion_matrix.png, per_class_iou.png")
+    return 0
+
+
+# ---------------------------------------------------------------------------- predict
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def _list_inputs(path: Path) -> list[Path]:
+    from denseseg.errors import DataError
+
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        if not files:
+            raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) in folder {path}")
+        return files
+    raise DataError(f"input {path} does not exist; give an image file or a folder of images")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from denseseg.api import load_model
+    from denseseg.data.io import read_image, write_image, write_mask
+    from denseseg.data.palette import overlay
+
+    seg = load_model(args.model, device=args.device, threshold=args.threshold)
+    files = _list_inputs(Path(args.input))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(files), desc="predict", unit="img", dynamic_ncols=True)
+    for i in range(0, len(files), args.batch_size):
+        chunk = files[i : i + args.batch_size]
+        images = [read_image(p) for p in chunk]
+        labels, probs = seg.predict_batch(images, return_probs=args.probs)
+        for k, (path, image, label) in enumerate(zip(chunk, images, labels)):
+            write_mask(out / f"{path.stem}.png", label, palette=seg.palette)
+            write_image(
+                out / f"{path.stem}_overlay.png",
+                overlay(image, label, seg.palette, alpha=args.alpha),
+            )
+            if probs is not None:
+                np.save(out / f"{path.stem}_probs.npy", probs[k].numpy().astype(np.float16))
+        bar.update(len(chunk))
+    bar.close()
+    print(f"wrote {len(files)} label maps and overlays to {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from denseseg.demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from denseseg.models import list_models
+
+    print("\n".join(list_models()))
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="denseseg", description="Semantic segmentation toolkit.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model from a YAML recipe")
+    t.add_argument("config", help="recipe YAML file or built-in recipe name (e.g. unet_demo)")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.02")
+    t.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="CKPT",
+        help="continue train.out_dir/last.pt (or the given checkpoint)",
+    )
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on a dataset split")
+    e.add_argument("--model", required=True, help="checkpoint (.pt) written by denseseg train")
+    e.add_argument("--dataset", default="folder", help="dataset format (folder, demo)")
+    e.add_argument("--root", default=None, help="dataset folder")
+    e.add_argument("--split", default="val")
+    e.add_argument("--out", default="runs/eval", help="folder for metrics and pictures")
+    e.add_argument("--json", default=None, help="also write the metrics JSON to this file")
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--workers", type=int, default=0)
+    e.add_argument(
+        "--absent",
+        default="nan",
+        choices=["nan", "zero", "gt_only"],
+        help="how classes absent from the ground truth count in the means",
+    )
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("predict", help="segment an image or a folder of images")
+    r.add_argument("input", help="image file or folder")
+    r.add_argument("--model", required=True, help="checkpoint (.pt) written by denseseg train")
+    r.add_argument("--out", default="runs/predict", help="output folder")
+    r.add_argument("--probs", action="store_true", help="also save class probabilities (.npy)")
+    r.add_argument("--batch-size", type=int, default=4)
+    r.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    r.add_argument("--threshold", type=float, default=0.5, help="binary models' threshold")
+    r.add_argument("--device", default="auto")
+    r.set_defaults(func=cmd_predict)
+
+    d = sub.add_parser("demo", help="train and compare pixelwise vs U-Net on the demo data")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests)")
+    d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser("models", help="list registered models")
+    m.set_defaults(func=cmd_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``denseseg`` console script."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except DensesegError as exc:
+        print(f"denseseg: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("denseseg: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: keep the message
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[-1]
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,386 @@
+"""The generic folder dataset: the format any user can produce by hand.
+
+Layout::
+
+    root/
+      images/<stem>.png|jpg|jpeg|bmp|tif|tiff
+      masks/<stem>.png              class indices, single-channel or palette PNG
+      classes.yaml                  optional, see below
+      train.txt, val.txt, ...       optional split lists: one stem per line; blank and # lines
+                                    are skipped
+    or, instead of list files, one sub-folder per split:
+      train/images, train/masks, val/images, val/masks, ...
+
+``classes.yaml`` may hold exactly these keys::
+
+    classes: [background, cat, dog]      # or [{name: cat, color: [128, 0, 0]}, ...]
+    palette: [[0, 0, 0], [128, 0, 0], [0, 128, 0]]   # alternative to colours in `classes`
+    ignore_index: 255                    # label excluded from loss and metrics (default 255)
+
+Without ``classes.yaml`` or ``classes``/``num_classes`` arguments, ``num_classes`` is inferred as
+one more than the largest label (other than ``ignore_index``) found in *every* mask under
+``root`` (all splits, so that train and val agree); this reads every mask once, so pass
+``num_classes`` or write ``classes.yaml`` for large datasets. Names are then ``class_0``, ...
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.utils.data import Dataset
+
+from denseseg.data.io import image_info, read_image, read_mask
+from denseseg.data.palette import Color, default_palette, parse_palette
+
+# The statistics live in stats.py (they work on any dataset); re-exported for callers that
+# reach for them next to the dataset.
+from denseseg.data.stats import (  # noqa: F401
+    class_image_pixel_counts,
+    class_pixel_counts,
+    median_frequency_weights,
+)
+from denseseg.errors import ConfigError, DataError
+
+__all__ = ["IMAGE_SUFFIXES", "FolderDataset", "available_splits"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+_YAML_KEYS = ("classes", "palette", "ignore_index")
+_ALL_SPLITS = ("all", None)
+
+
+def _read_classes_yaml(path: Path) -> tuple[list[str] | None, list[Color] | None, int]:
+    """Parse ``classes.yaml`` into (names, palette, ignore_index); ConfigError on any fault."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path} is not valid YAML ({exc}); fix its syntax") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a mapping with keys {', '.join(_YAML_KEYS)}")
+    for key in data:
+        if key not in _YAML_KEYS:
+            raise ConfigError(
+                f"{path}: unknown key '{key}'; allowed keys are {', '.join(_YAML_KEYS)}"
+            )
+
+    names: list[str] | None = None
+    colors: list[Color | None] = []
+    if "classes" in data:
+        raw = data["classes"]
+        if not isinstance(raw, list) or not raw:
+            raise ConfigError(f"{path}: 'classes' must be a non-empty list of names")
+        names = []
+        for i, entry in enumerate(raw):
+            if isinstance(entry, dict):
+                extra = set(entry) - {"name", "color"}
+                if extra or "name" not in entry:
+                    raise ConfigError(
+                        f"{path}: classes[{i}] must be {{name, color}}, got keys {sorted(entry)}"
+                    )
+                names.append(str(entry["name"]))
+                colors.append(_yaml_colors(path, [entry["color"]])[0] if "color" in entry else None)
+            else:
+                names.append(str(entry))
+                colors.append(None)
+
+    palette: list[Color] | None = None
+    if "palette" in data:
+        if any(c is not None for c in colors):
+            raise ConfigError(f"{path}: give colours either in 'classes' or in 'palette', not both")
+        palette = _yaml_colors(path, data["palette"])
+    elif any(c is not None for c in colors):
+        # Classes without a colour take the default palette's colour for their index.
+        fallback = default_palette(len(colors))
+        palette = [c if c is not None else fallback[i] for i, c in enumerate(colors)]
+
+    ignore_index = data.get("ignore_index", 255)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or ignore_index < 0:
+        raise ConfigError(f"{path}: ignore_index must be an integer >= 0, got {ignore_index!r}")
+    return names, palette, ignore_index
+
+
+def _yaml_colors(path: Path, raw: Any) -> list[Color]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: a palette must be a list of [r, g, b] triples")
+    try:
+        return parse_palette(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: {exc}; write colours as [r, g, b] with 0..255") from exc
+
+
+def _index_images(folder: Path) -> dict[str, Path]:
+    """Map stem -> image path for the image files directly inside ``folder``."""
+    found: dict[str, Path] = {}
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            path = Path(entry.path)
+            if not entry.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if path.stem in found:
+                raise DataError(
+                    f"{found[path.stem]} and {path} share the stem '{path.stem}', so they would "
+                    "share one mask; rename or remove one"
+                )
+            found[path.stem] = path
+    return found
+
+
+def _read_list_file(path: Path, images: dict[str, Path]) -> list[str]:
+    stems: list[str] = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        if entry in images:
+            stems.append(entry)
+        elif Path(entry).suffix.lower() in IMAGE_SUFFIXES and Path(entry).stem in images:
+            stems.append(Path(entry).stem)
+        else:
+            raise DataError(
+                f"{path} line {lineno} names '{entry}', but {path.parent / 'images'} holds no "
+                "such image; fix the list or add the image"
+            )
+    return stems
+
+
+def _pair(image_dir: Path, mask_dir: Path, stems: Sequence[str] | None) -> list[tuple[Path, Path]]:
+    """Pair each image with ``mask_dir/<stem>.png``; DataError naming the first unpaired one."""
+    if not image_dir.is_dir():
+        raise DataError(f"image folder {image_dir} does not exist; see the folder layout")
+    images = _index_images(image_dir)
+    if stems is None:
+        stems = sorted(images)
+    if not mask_dir.is_dir():
+        raise DataError(f"mask folder {mask_dir} does not exist; put masks there as <stem>.png")
+    pairs = [(images[s], mask_dir / f"{s}.png") for s in stems]
+    missing = [(img, m) for img, m in pairs if not m.is_file()]
+    if missing:
+        img, mask = missing[0]
+        more = f" ({len(missing) - 1} more images lack masks)" if len(missing) > 1 else ""
+        raise DataError(
+            f"image {img} has no mask: expected {mask}{more}; add it or remove the image"
+        )
+    return pairs
+
+
+def available_splits(root: str | os.PathLike) -> list[str]:
+    """Names of the splits a folder dataset offers.
+
+    Args:
+        root: Dataset folder.
+
+    Returns:
+        Sorted split names (sub-folders with ``images/`` and ``<name>.txt`` list files), then
+        ``"all"`` when there are any images at all.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    subs = {d.name for d in root.iterdir() if d.is_dir() and (d / "images").is_dir()}
+    flat = (root / "images").is_dir()
+    lists = {p.stem for p in root.glob("*.txt")} if flat else set()
+    names = sorted(subs | lists)
+    return [*names, "all"] if flat or subs else names
+
+
+def _split_files(root: Path, split: str | None) -> list[tuple[Path, Path]]:
+    if split in _ALL_SPLITS:
+        if (root / "images").is_dir():
+            return _pair(root / "images", root / "masks", None)
+        subs = [s for s in available_splits(root) if s != "all"]
+        return [p for s in subs for p in _pair(root / s / "images", root / s / "masks", None)]
+    if (root / split / "images").is_dir():
+        return _pair(root / split / "images", root / split / "masks", None)
+    list_file = root / f"{split}.txt"
+    if list_file.is_file() and (root / "images").is_dir():
+        stems = _read_list_file(list_file, _index_images(root / "images"))
+        return _pair(root / "images", root / "masks", stems)
+    avail = available_splits(root)
+    raise DataError(
+        f"dataset {root} has no split '{split}'; available: {', '.join(avail) or 'none'} "
+        f"(add {split}.txt or {split}/images)"
+    )
+
+
+def _all_mask_files(root: Path) -> list[Path]:
+    dirs = [root / "masks"] + [d / "masks" for d in sorted(root.iterdir()) if d.is_dir()]
+    return [p for d in dirs if d.is_dir() for p in sorted(d.glob("*.png"))]
+
+
+class FolderDataset(Dataset):
+    """Images and class-index masks laid out in plain folders (see the module docstring).
+
+    Args:
+        root: Dataset folder.
+        split: Split name (``"train"``, ``"val"``, ...); ``"all"`` or ``None`` takes every image.
+        transforms: Called as ``transforms(image, target)`` on each item, e.g. the result of
+            :func:`denseseg.data.transforms.build_transforms`.
+        num_classes: Number of classes; overrides inference, must agree with ``classes``.
+        classes: Class names; override the names in ``classes.yaml``.
+
+    Attributes:
+        classes: Class names, ``num_classes`` of them.
+        num_classes: Number of classes; valid labels are ``0 .. num_classes - 1``.
+        palette: One ``(r, g, b)`` per class.
+        ignore_index: Label excluded from training and metrics.
+        in_channels: 1 or 3, from the first image; every image must agree.
+        files: ``[(image_path, mask_path), ...]`` in load order.
+
+    Items are ``(image uint8 (C, H, W), target int64 (H, W))``, or what ``transforms`` returns.
+    Loading checks each item and raises :class:`DataError` on a size mismatch, a channel
+    mismatch or a label outside ``[0, num_classes)`` other than ``ignore_index``.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str | None = "train",
+        transforms: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
+        num_classes: int | None = None,
+        classes: Sequence[str] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.transforms = transforms
+        if not self.root.is_dir():
+            raise DataError(f"dataset folder {self.root} does not exist; check the path")
+
+        yaml_path = self.root / "classes.yaml"
+        names, palette, self.ignore_index = (
+            _read_classes_yaml(yaml_path) if yaml_path.is_file() else (None, None, 255)
+        )
+        self.files: list[tuple[Path, Path]] = _split_files(self.root, split)
+        if not self.files:
+            raise DataError(
+                f"dataset {self.root} (split {split}) has no images; "
+                f"expected files with suffix {', '.join(IMAGE_SUFFIXES)} under images/"
+            )
+
+        if classes is not None:
+            names = [str(c) for c in classes]
+        if num_classes is not None:
+            if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+                raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
+            if names is not None and len(names) != num_classes:
+                raise ConfigError(
+                    f"num_classes={num_classes} but {len(names)} class names are given "
+                    f"({yaml_path if classes is None else 'classes argument'}); make them agree"
+                )
+        elif names is not None:
+            num_classes = len(names)
+        else:
+            num_classes = self._infer_num_classes()
+        self.num_classes: int = num_classes
+        self.classes: list[str] = names or [f"class_{i}" for i in range(num_classes)]
+        if not self.classes:
+            raise ConfigError("classes must name at least one class")
+
+        if palette is not None and len(palette) < num_classes:
+            raise ConfigError(
+                f"{yaml_path}: palette has {len(palette)} colours for {num_classes} classes; "
+                "give one colour per class"
+            )
+        self.palette: list[Color] = (palette or default_palette(num_classes))[:num_classes]
+        self.in_channels: int = image_info(self.files[0][0]).channels
+
+    def _infer_num_classes(self) -> int:
+        top = -1
+        for path in _all_mask_files(self.root):
+            labels = read_mask(path)
+            labels = labels[labels != self.ignore_index]
+            if labels.numel():
+                low = int(labels.min())
+                if low < 0:
+                    raise DataError(f"mask {path} holds negative label {low}; labels must be >= 0")
+                top = max(top, int(labels.max()))
+        if top < 0:
+            raise DataError(
+                f"cannot infer the classes of {self.root}: every mask is empty or ignored; "
+                "write classes.yaml or pass num_classes"
+            )
+        return top + 1
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, "
+            f"len={len(self)}, num_classes={self.num_classes}, in_channels={self.in_channels})"
+        )
+
+    def _check_labels(self, target: torch.Tensor, mask_path: Path) -> None:
+        ok = ((target >= 0) & (target < self.num_classes)) | (target == self.ignore_index)
+        if not bool(ok.all()):
+            bad = torch.unique(target[~ok]).tolist()
+            shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+            raise DataError(
+                f"mask {mask_path} holds labels {shown} outside 0..{self.num_classes - 1} "
+                f"(ignore_index {self.ignore_index}); fix the mask or the class list"
+            )
+
+    def load_target(self, index: int) -> torch.Tensor:
+        """Read and check one mask without its image (used by dataset statistics).
+
+        Args:
+            index: Item index.
+
+        Returns:
+            ``int64`` tensor ``(H, W)``.
+        """
+        mask_path = self.files[index][1]
+        target = read_mask(mask_path)
+        self._check_labels(target, mask_path)
+        return target
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read and check one item, without transforms.
+
+        Args:
+            index: Item index.
+
+        Returns:
+            ``(image uint8 (C, H, W), target int64 (H, W))``.
+
+        Raises:
+            DataError: Unreadable file, size or channel mismatch, or a bad label.
+        """
+        image_path, mask_path = self.files[index]
+        image = read_image(image_path)
+        if image.shape[0] != self.in_channels:
+            raise DataError(
+                f"image {image_path} has {image.shape[0]} channel(s) but {self.files[0][0]} has "
+                f"{self.in_channels}; convert all images to the same colour mode"
+            )
+        target = read_mask(mask_path)
+        if tuple(target.shape) != tuple(image.shape[1:]):
+            raise DataError(
+                f"mask {mask_path} is {target.shape[0]}x{target.shape[1]} (HxW) but image "
+                f"{image_path} is {image.shape[1]}x{image.shape[2]}; masks must match their image"
+            )
+        self._check_labels(target, mask_path)
+        return image, target
+
+    def __getitem__(self, index: int) -> Any:
+        image, target = self.load(index)
+        if self.transforms is not None:
+            return self.transforms(image, target)
+        return image, target
+
+    def check(self) -> list[str]:
+        """Load every item and collect the problems instead of raising.
+
+        Returns:
+            One message per faulty item (empty when the split is clean).
+        """
+        problems: list[str] = []
+        for i in range(len(self)):
+            try:
+                self.load(i)
+            except DataError as exc:
+                problems.append(str(exc))
+        return problems

@@ -1,0 +1,276 @@
+"""The package's one image and mask reader and writer.
+
+Every part of denseseg that opens an image or a label map goes through :func:`read_image` and
+:func:`read_mask`, so format quirks (palette PNGs, 16-bit grayscale, alpha channels, EXIF
+orientation, truncated files) are handled once, and every failure becomes a :class:`DataError`
+that names the file and what to do about it.
+
+Conventions:
+
+- Images are ``uint8`` tensors ``(C, H, W)`` with ``C = 3`` (RGB) or ``C = 1`` (grayscale).
+- Masks are ``int64`` tensors ``(H, W)`` of class indices, stored on disk as single-channel or
+  palette PNGs whose pixel values *are* the indices (as PASCAL VOC stores them).
+- EXIF orientation is applied to both (``ImageOps.exif_transpose``), so pixels come out the way
+  an image viewer, and therefore an annotator, shows them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from denseseg.errors import DataError
+
+__all__ = ["ImageInfo", "image_info", "read_image", "read_mask", "write_image", "write_mask"]
+
+PathLike = str | os.PathLike
+
+# Modes that carry one intensity channel (alpha, where present, is dropped).
+_GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+# Modes whose pixel values can be class indices.
+_INDEX_MODES = {"1", "L", "LA", "P", "PA", "I", "I;16", "I;16L", "I;16B", "I;16N"}
+# EXIF orientations 5-8 rotate by 90 degrees, so height and width swap.
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What :func:`image_info` learns from a file's header.
+
+    Attributes:
+        channels: 1 for grayscale modes, 3 otherwise (the channel count :func:`read_image` gives).
+        height: Height after EXIF orientation.
+        width: Width after EXIF orientation.
+        mode: The PIL mode stored in the file (``"RGB"``, ``"L"``, ``"P"``, ...).
+    """
+
+    channels: int
+    height: int
+    width: int
+    mode: str
+
+
+def _open(path: PathLike, what: str) -> Image.Image:
+    """Open ``path`` lazily (header only), turning every failure into a :class:`DataError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} {path} does not exist; check the path and the dataset layout")
+    try:
+        return Image.open(path)
+    except UnidentifiedImageError as exc:
+        raise DataError(
+            f"{what} {path} is not an image format Pillow can read; "
+            "convert it to PNG (or JPEG for photos)"
+        ) from exc
+    except OSError as exc:
+        raise DataError(f"{what} {path} cannot be opened ({exc}); check the file") from exc
+
+
+def _decode(path: PathLike, what: str) -> Image.Image:
+    """Open and fully decode ``path`` with EXIF orientation applied."""
+    img = _open(path, what)
+    try:
+        with img:
+            # Image.open only parses the header; load() decodes every pixel, which is where a
+            # truncated or corrupt file fails.
+            img.load()
+            out = ImageOps.exif_transpose(img)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(
+            f"{what} {path} is truncated or corrupt ({exc}); re-export or re-download it"
+        ) from exc
+    return out
+
+
+def image_info(path: PathLike) -> ImageInfo:
+    """Read an image's channel count and size from its header, without decoding the pixels.
+
+    Args:
+        path: Image file.
+
+    Returns:
+        :class:`ImageInfo` with the values :func:`read_image` would give.
+
+    Raises:
+        DataError: The file is missing or not a readable image.
+    """
+    with _open(path, "image") as img:
+        width, height = img.size
+        try:
+            orientation = img.getexif().get(0x0112, 1)
+        except Exception:  # a broken EXIF block must not stop a header read
+            orientation = 1
+        if orientation in _TRANSPOSING_ORIENTATIONS:
+            width, height = height, width
+        channels = 1 if img.mode in _GRAY_MODES else 3
+        return ImageInfo(channels=channels, height=height, width=width, mode=img.mode)
+
+
+def _to_uint8_gray(img: Image.Image, path: PathLike) -> np.ndarray:
+    """Grayscale PIL image of any depth -> ``(H, W)`` uint8 array."""
+    if img.mode in ("LA", "La"):
+        img = img.getchannel(0)
+    if img.mode == "1":
+        return np.asarray(img, dtype=np.uint8) * 255
+    if img.mode == "L":
+        return np.asarray(img, dtype=np.uint8)
+    if img.mode.startswith("I"):
+        # 16-bit data (I;16 or a 16-bit PNG opened as I) spans 0-65535; map it linearly to 0-255.
+        arr = np.asarray(img).astype(np.float64)
+        return np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
+    raise DataError(
+        f"image {path} has mode {img.mode} (e.g. floating point), which has no standard 8-bit "
+        "scale; convert it to 8-bit grayscale or RGB"
+    )
+
+
+def read_image(path: PathLike) -> torch.Tensor:
+    """Read an image file as a ``uint8`` tensor.
+
+    Grayscale files (modes ``1``, ``L``, ``I``, ``I;16``) stay one channel, with 16-bit values
+    scaled to 8 bits (``round(v / 257)``) and 1-bit values to 0/255; alpha channels are dropped
+    (not composited); palette images are expanded to RGB; CMYK, YCbCr and other colour modes are
+    converted to RGB. EXIF orientation is applied.
+
+    Args:
+        path: Image file (PNG, JPEG, BMP, TIFF, ... anything Pillow reads).
+
+    Returns:
+        ``uint8`` tensor ``(C, H, W)``, ``C`` is 1 or 3.
+
+    Raises:
+        DataError: The file is missing, truncated, corrupt or in an unknown format.
+    """
+    img = _decode(path, "image")
+    if img.mode in _GRAY_MODES:
+        arr = _to_uint8_gray(img, path)[None]
+    else:
+        if img.mode in ("P", "PA"):
+            # Through RGBA so a palette with transparency converts without a Pillow warning;
+            # the alpha is then dropped like any other.
+            img = img.convert("RGBA")
+        if img.mode != "RGB":
+            img = img.convert("RGB")  # RGBA drops alpha; CMYK, YCbCr, ... become RGB
+        arr = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+    # A copy: arrays viewing PIL buffers are read-only, which torch warns about.
+    return torch.from_numpy(np.array(arr, dtype=np.uint8, order="C", copy=True))
+
+
+def read_mask(path: PathLike) -> torch.Tensor:
+    """Read a label map of class indices.
+
+    Single-channel files (modes ``L``, ``I``, ``I;16``, ``1``) and palette PNGs (mode ``P``) are
+    read as the stored indices: a palette PNG is *not* converted to colours, as in PASCAL VOC.
+    A ``LA``/``PA`` file's alpha channel is ignored. EXIF orientation is applied, as for images.
+
+    Args:
+        path: Mask file, normally a PNG.
+
+    Returns:
+        ``int64`` tensor ``(H, W)``.
+
+    Raises:
+        DataError: The file is missing, unreadable, or an RGB/RGBA colour image.
+    """
+    img = _decode(path, "mask")
+    if img.mode not in _INDEX_MODES:
+        raise DataError(
+            f"mask {path} is {img.mode}; save class indices as a single-channel or palette PNG "
+            "(pixel value = class index)"
+        )
+    if img.mode in ("LA", "PA"):
+        img = img.getchannel(0)
+    arr = np.asarray(img).astype(np.int64)
+    return torch.from_numpy(arr)
+
+
+def _as_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def write_mask(
+    path: PathLike,
+    mask: torch.Tensor | np.ndarray,
+    palette: Sequence[Sequence[int]] | Sequence[int] | None = None,
+) -> None:
+    """Write a label map as a PNG that :func:`read_mask` reads back unchanged.
+
+    Args:
+        path: Output file; must end in ``.png`` (a lossy format would change the labels).
+            Missing parent folders are created.
+        mask: Integer ``(H, W)`` tensor or array of class indices.
+        palette: Colours ``[(r, g, b), ...]`` (or a flat ``[r, g, b, r, g, b, ...]`` list).
+            When given, a palette PNG (mode ``P``) is written, viewable in colour yet storing
+            indices; values must then be below 256. Without it, values below 256 give an 8-bit
+            grayscale PNG and larger ones a 16-bit PNG.
+
+    Raises:
+        DataError: Bad suffix, negative values, or values too large for the chosen format.
+        ValueError: ``mask`` is not a 2-D integer array.
+    """
+    from denseseg.data.palette import palette_to_flat
+
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise DataError(f"mask file {path} must be a .png (lossless); change the file name")
+    arr = _as_numpy(mask)
+    if arr.ndim != 2 or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
+        raise ValueError(f"mask must be a 2-D integer array, got shape {arr.shape} {arr.dtype}")
+    lo = int(arr.min()) if arr.size else 0
+    hi = int(arr.max()) if arr.size else 0
+    if lo < 0:
+        raise DataError(f"mask for {path} holds negative value {lo}; class indices must be >= 0")
+    if palette is not None:
+        if hi > 255:
+            raise DataError(
+                f"mask for {path} holds value {hi}; a palette PNG stores indices below 256, "
+                "write it without a palette (16-bit PNG) instead"
+            )
+        img = Image.fromarray(arr.astype(np.uint8))
+        # putpalette turns the L image into P with the same bytes; convert("P") would quantise.
+        img.putpalette(palette_to_flat(palette))
+    elif hi <= 255:
+        img = Image.fromarray(arr.astype(np.uint8))
+    elif hi <= 65535:
+        img = Image.fromarray(arr.astype(np.uint16))
+    else:
+        raise DataError(f"mask for {path} holds value {hi}; PNG masks store values up to 65535")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def write_image(path: PathLike, image: torch.Tensor | np.ndarray) -> None:
+    """Write a ``uint8`` image; the format follows the file suffix.
+
+    Args:
+        path: Output file (``.png``, ``.jpg``, ...). Missing parent folders are created.
+        image: A tensor ``(C, H, W)`` or an array ``(H, W, C)``, or either as ``(H, W)``;
+            ``C`` is 1, 3 or 4 (RGBA), ``uint8``.
+
+    Raises:
+        ValueError: Wrong dtype or shape.
+        DataError: Pillow cannot write that format.
+    """
+    path = Path(path)
+    arr = _as_numpy(image)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"image must be uint8, got {arr.dtype}")
+    if isinstance(image, torch.Tensor) and arr.ndim == 3:
+        arr = arr.transpose(1, 2, 0)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+        raise ValueError(f"image must have 1, 3 or 4 channels, got shape {tuple(image.shape)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        Image.fromarray(np.ascontiguousarray(arr)).save(path)
+    except (KeyError, ValueError, OSError) as exc:
+        raise DataError(f"cannot write image {path} ({exc}); use a .png or .jpg suffix") from exc

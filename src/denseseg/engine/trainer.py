@@ -1,0 +1,452 @@
+"""``train(cfg)``: the whole training run, top to bottom, as one flat, readable function family.
+
+Step-based: the learning-rate schedule, evaluation, logging and checkpoints all count optimiser
+steps. Everything a resume needs (model, optimiser, scheduler, grad scaler, step, epoch, sampler
+position, RNG states, resolved config) goes into each checkpoint, so ``resume=True`` continues
+exactly where a run stopped, and a Ctrl-C saves ``last.pt`` before leaving.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from denseseg.config import Config, save_config
+from denseseg.data.registry import get_dataset
+from denseseg.data.transforms import build_transforms, default_mean_std
+from denseseg.engine.checkpoint import (
+    FORMAT_VERSION,
+    atomic_save,
+    load_checkpoint,
+    load_weights,
+    rng_state,
+    set_rng_state,
+)
+from denseseg.engine.evaluate import evaluate
+from denseseg.engine.optim import build_optimizer, lr_factor
+from denseseg.engine.sampler import EpochSampler, SeededTransformDataset
+from denseseg.errors import CheckpointError, ConfigError, DataError, DensesegError
+from denseseg.inference.segmenter import Segmenter, resolve_device
+from denseseg.losses import build_loss
+from denseseg.models import create_model
+
+log = logging.getLogger("denseseg")
+
+CSV_FIELDS = ["step", "epoch", "lr", "loss", "val_mIoU", "val_mAcc", "val_aAcc", "elapsed_s"]
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch; with ``deterministic`` also force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def _dataset_options(cfg: Config) -> dict[str, Any]:
+    return dict(cfg.data.demo) if cfg.data.dataset == "demo" else {}
+
+
+def build_model_for(cfg: Config, num_classes: int, in_channels: int) -> tuple[nn.Module, dict]:
+    """Create the recipe's model; ``num_classes``/``in_channels`` default to the dataset's."""
+    kwargs = dict(cfg.model.kwargs)
+    kwargs.setdefault("num_classes", num_classes)
+    kwargs.setdefault("in_channels", in_channels)
+    if kwargs["num_classes"] == 1 and num_classes != 2:
+        raise ConfigError(
+            "model.kwargs.num_classes=1 (binary) needs a dataset with 2 classes, "
+            f"it has {num_classes}"
+        )
+    if kwargs["num_classes"] not in (1, num_classes):
+        raise ConfigError(
+            f"model.kwargs.num_classes={kwargs['num_classes']} but the dataset has {num_classes} "
+            "classes; drop the option to use the dataset's"
+        )
+    return create_model(cfg.model.name, **kwargs), kwargs
+
+
+def _class_weights(cfg: Config, dataset: Any, num_classes: int) -> torch.Tensor | None:
+    cw = cfg.loss.class_weights
+    if cw is None:
+        return None
+    if cw == "median_frequency":
+        from denseseg.data.folder import median_frequency_weights
+
+        return median_frequency_weights(dataset).float()
+    if isinstance(cw, list):
+        if len(cw) != num_classes:
+            raise ConfigError(f"loss.class_weights has {len(cw)} values for {num_classes} classes")
+        return torch.tensor(cw, dtype=torch.float32)
+    raise ConfigError(f"loss.class_weights={cw!r}: use null, median_frequency or a list of numbers")
+
+
+def _freeze_backbone(model: nn.Module) -> None:
+    backbone = getattr(model, "backbone", None) or getattr(model, "encoder", None)
+    if backbone is None:
+        raise ConfigError(
+            f"optim.freeze_backbone=true but {type(model).__name__} has no backbone to freeze"
+        )
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+
+
+class _CsvLog:
+    """Appends rows to ``log.csv``; on resume drops rows written after the checkpoint's step."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        rows = []
+        if resume_step is not None and path.is_file():
+            with path.open() as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
+        with path.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, CSV_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+
+    def write(self, **row: Any) -> None:
+        with self.path.open("a", newline="") as fh:
+            csv.DictWriter(fh, CSV_FIELDS).writerow({k: row.get(k, "") for k in CSV_FIELDS})
+
+
+def _open_tensorboard(out: Path, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency, but users may strip it
+        log.warning("tensorboard is not installed; writing CSV logs only")
+        return None
+    return SummaryWriter(str(out / "tb"))
+
+
+def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, Any]:
+    """Train a model as the recipe ``cfg`` says.
+
+    Args:
+        cfg: the resolved recipe (see :mod:`denseseg.config`).
+        resume: False to start fresh (refused if the output folder already holds ``last.pt``),
+            True to continue from ``<out_dir>/last.pt``, or the path of a checkpoint.
+
+    Returns:
+        ``{"out_dir", "step", "best_mIoU", "metrics" (last evaluation), "checkpoint"}``.
+    """
+    tc, dc = cfg.train, cfg.data
+    out = Path(tc.out_dir)
+    ckpt_path = _resume_path(out, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(tc.seed, tc.deterministic)
+    device = resolve_device(tc.device)
+
+    opts = _dataset_options(cfg)
+    train_raw = get_dataset(dc.dataset, dc.root, dc.train_split, **opts)
+    val_raw = get_dataset(dc.dataset, dc.root, dc.val_split, **opts) if dc.val_split else None
+    if len(train_raw) == 0:  # type: ignore[arg-type]
+        raise DataError(f"the {dc.train_split!r} split of {dc.root or dc.dataset} has no images")
+    num_classes, in_channels = train_raw.num_classes, train_raw.in_channels
+    model, model_kwargs = build_model_for(cfg, num_classes, in_channels)
+    if cfg.model.weights:
+        skipped = load_weights(model, cfg.model.weights, strict=False)
+        if skipped:
+            log.info(
+                "weights %s: %d keys skipped (%s ...)", cfg.model.weights, len(skipped), skipped[:3]
+            )
+    if cfg.optim.freeze_backbone:
+        _freeze_backbone(model)
+    model.to(device)
+
+    mean, std = default_mean_std(in_channels)
+    mean, std = list(dc.mean or mean), list(dc.std or std)
+    tfm = build_transforms(
+        True,
+        crop_size=tuple(dc.crop_size) if dc.crop_size else None,
+        scale_range=tuple(dc.scale_range),
+        hflip=dc.hflip,
+        mean=mean,
+        std=std,
+        ignore_index=train_raw.ignore_index,
+    )
+    train_ds = SeededTransformDataset(train_raw, tfm)
+    weights = _class_weights(cfg, train_raw, num_classes)
+    criterion = build_loss(
+        cfg.loss.name,
+        num_classes=model_kwargs["num_classes"],
+        ignore_index=train_raw.ignore_index,
+        class_weights=weights.to(device) if weights is not None else None,
+        **({"dice_weight": cfg.loss.dice_weight} if "+dice" in cfg.loss.name else {}),
+    )
+    oc, sc = cfg.optim, cfg.schedule
+    optimizer = build_optimizer(
+        model,
+        oc.name,
+        lr=oc.lr,
+        weight_decay=oc.weight_decay,
+        momentum=oc.momentum,
+        nesterov=oc.nesterov,
+        betas=tuple(oc.betas),
+        backbone_lr_mult=oc.backbone_lr_mult,
+        no_decay_norm_bias=oc.no_decay_norm_bias,
+    )
+    min_ratio = sc.min_lr / oc.lr if oc.lr > 0 else 0.0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_factor(
+            s,
+            tc.max_steps,
+            name=sc.name,
+            power=sc.power,
+            warmup_steps=sc.warmup_steps,
+            warmup_factor=sc.warmup_factor,
+            min_ratio=min_ratio,
+        ),
+    )
+    amp = tc.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+
+    meta = {
+        "model_name": cfg.model.name,
+        "model_kwargs": model_kwargs,
+        "class_names": list(train_raw.classes),
+        "palette": [list(p) for p in train_raw.palette],
+        "mean": mean,
+        "std": std,
+        "in_channels": in_channels,
+        "num_classes": num_classes,
+        "ignore_index": train_raw.ignore_index,
+        "class_weights": weights.tolist() if weights is not None else None,
+    }
+    state = {"step": 0, "epoch": 0, "pos": 0, "best_mIoU": -1.0, "metrics": None}
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        if ckpt.get("model_name") != cfg.model.name:
+            raise CheckpointError(
+                f"{ckpt_path} holds model {ckpt.get('model_name')!r}, the recipe asks for "
+                f"{cfg.model.name!r}; resume with the same recipe"
+            )
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        state.update({k: ckpt[k] for k in ("step", "epoch", "pos", "best_mIoU", "metrics")})
+        log.info("resumed from %s at step %d", ckpt_path, state["step"])
+    save_config(cfg, out / "config.yaml")
+
+    segmenter = Segmenter(
+        model,
+        mean=mean,
+        std=std,
+        class_names=train_raw.classes,
+        palette=train_raw.palette,
+        ignore_index=train_raw.ignore_index,
+        device=device,
+    )
+    csv_log = _CsvLog(out / "log.csv", state["step"] if ckpt_path else None)
+    writer = _open_tensorboard(out, tc.tensorboard)
+
+    def save(kind: str, **extra: Any) -> Path:
+        ckpt = {
+            "format_version": FORMAT_VERSION,
+            **meta,
+            **{k: state[k] for k in state},
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": rng_state(),
+            "config": cfg.to_dict(),
+            **extra,
+        }
+        path = out / f"{kind}.pt"
+        atomic_save(ckpt, path)
+        return path
+
+    def run_eval() -> None:
+        if val_raw is None:
+            return
+        metrics = evaluate(
+            segmenter,
+            val_raw,
+            batch_size=dc.eval_batch_size,
+            num_workers=dc.num_workers,
+            progress=tc.progress,
+        ).compute()
+        model.train()
+        state["metrics"] = metrics
+        miou = metrics["mIoU"]
+        log.info(
+            "step %d  val mIoU %.2f%%  mAcc %.2f%%  aAcc %.2f%%",
+            state["step"],
+            100 * miou,
+            100 * metrics["mAcc"],
+            100 * metrics["aAcc"],
+        )
+        csv_log.write(
+            step=state["step"],
+            epoch=state["epoch"],
+            val_mIoU=f"{miou:.6f}",
+            val_mAcc=f"{metrics['mAcc']:.6f}",
+            val_aAcc=f"{metrics['aAcc']:.6f}",
+        )
+        if writer is not None:
+            for k in ("mIoU", "mAcc", "aAcc"):
+                writer.add_scalar(f"val/{k}", metrics[k], state["step"])
+        if miou == miou and miou > state["best_mIoU"]:
+            state["best_mIoU"] = miou
+            save("best")
+
+    n = len(train_ds)
+    bs = min(dc.batch_size, n)
+    model.train()
+    start = time.time()
+    bar = tqdm(
+        total=tc.max_steps,
+        initial=state["step"],
+        desc="train",
+        disable=not tc.progress,
+        dynamic_ncols=True,
+    )
+    try:
+        while state["step"] < tc.max_steps:
+            sampler = EpochSampler(n, tc.seed, state["epoch"], state["pos"])
+            loader = DataLoader(
+                train_ds,
+                batch_size=bs,
+                sampler=sampler,
+                num_workers=dc.num_workers,
+                drop_last=True,
+                pin_memory=device.type == "cuda",
+                persistent_workers=False,
+            )
+            for images, targets in loader:
+                loss = _train_step(
+                    model, criterion, optimizer, scaler, images, targets, device, amp, oc.grad_clip
+                )
+                scheduler.step()
+                state["step"] += 1
+                state["pos"] += bs
+                step = state["step"]
+                bar.update(1)
+                if step % tc.log_every == 0 or step == tc.max_steps:
+                    lr = optimizer.param_groups[0]["lr"]
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                    csv_log.write(
+                        step=step,
+                        epoch=state["epoch"],
+                        lr=f"{lr:.6g}",
+                        loss=f"{loss:.6f}",
+                        elapsed_s=f"{time.time() - start:.1f}",
+                    )
+                    if writer is not None:
+                        writer.add_scalar("train/loss", loss, step)
+                        writer.add_scalar("train/lr", lr, step)
+                if (tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps:
+                    run_eval()
+                if (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.max_steps:
+                    _keep_last(out, save("last"), step, tc.keep_last)
+                if step >= tc.max_steps:
+                    break
+            else:
+                state["epoch"] += 1
+                state["pos"] = 0
+    except KeyboardInterrupt:
+        path = save("last")
+        raise DensesegError(
+            f"interrupted at step {state['step']}; saved {path}; continue with --resume"
+        ) from None
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    return {
+        "out_dir": str(out),
+        "step": state["step"],
+        "best_mIoU": state["best_mIoU"],
+        "metrics": state["metrics"],
+        "checkpoint": str(out / "last.pt"),
+    }
+
+
+def _train_step(
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    device: torch.device,
+    amp: bool,
+    grad_clip: float | None,
+) -> float:
+    images = images.to(device, non_blocking=True)
+    targets = targets.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        logits = model(images)["out"]
+        if logits.shape[-2:] != targets.shape[-2:]:
+            targets = _center_crop(targets, logits.shape[-2:])
+        loss = criterion(logits.float(), targets)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    value = float(loss.detach())
+    if value != value:
+        raise DensesegError(
+            "the loss became NaN; lower optim.lr or set optim.grad_clip (last.pt is kept)"
+        )
+    return value
+
+
+def _center_crop(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    # Valid-padding networks see only the centre of their input: train on the matching labels.
+    h, w = t.shape[-2:]
+    top, left = (h - size[0]) // 2, (w - size[1]) // 2
+    return t[..., top : top + size[0], left : left + size[1]]
+
+
+def _keep_last(out: Path, last: Path, step: int, k: int) -> None:
+    # A hard link to the fresh last.pt costs no I/O; the next atomic save gives last.pt a new
+    # inode, so the linked file keeps this step's content.
+    if k <= 0:
+        return
+    dst = out / f"step_{step:07d}.pt"
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(last, dst)
+    except OSError:
+        import shutil
+
+        shutil.copy2(last, dst)
+    for old in sorted(out.glob("step_*.pt"))[:-k]:
+        old.unlink(missing_ok=True)
+
+
+def _resume_path(out: Path, resume: bool | str | Path) -> Path | None:
+    if resume is False or resume is None:
+        if (out / "last.pt").exists():
+            raise ConfigError(
+                f"{out} already holds a run (last.pt); pass --resume to continue it or set "
+                "train.out_dir to a new folder"
+            )
+        return None
+    path = out / "last.pt" if resume is True else Path(resume)
+    if not path.is_file():
+        raise CheckpointError(f"cannot resume: {path} not found")
+    return path

@@ -1,0 +1,24 @@
+"""The package's own exception types.
+
+Every error a user can cause (a bad path, an unreadable image, a bad label value, an unknown
+option) raises a subclass of :class:`DensesegError` whose message names the file or option and
+what to do. The CLI prints that message on one line and exits non-zero, never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class DensesegError(Exception):
+    """Base class for errors caused by user input; the message is shown as is."""
+
+
+class ConfigError(DensesegError):
+    """A recipe, an override or an argument names an unknown key or holds a bad value."""
+
+
+class DataError(DensesegError):
+    """A dataset file is missing, unreadable, or holds values the dataset does not allow."""
+
+
+class CheckpointError(DensesegError):
+    """A checkpoint or weights file is missing, truncated or does not fit the model."""

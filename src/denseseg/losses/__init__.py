@@ -1,0 +1,19 @@
+"""Training losses: cross-entropy (ignore label, class weights), Dice, BCE, and their sums.
+
+All take ``logits (N, C, H, W)`` and an int64 ``target (N, H, W)`` and return a scalar;
+:func:`build_loss` builds one from its recipe name.
+"""
+
+from denseseg.losses.build import LOSS_NAMES, build_loss
+from denseseg.losses.combined import CombinedLoss
+from denseseg.losses.cross_entropy import BCEWithLogits, CrossEntropyLoss
+from denseseg.losses.dice import DiceLoss
+
+__all__ = [
+    "LOSS_NAMES",
+    "BCEWithLogits",
+    "CombinedLoss",
+    "CrossEntropyLoss",
+    "DiceLoss",
+    "build_loss",
+]

@@ -1,0 +1,102 @@
+"""Pixel-wise cross-entropy losses with an ignore label and class weights."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _check_shapes(logits: Tensor, target: Tensor, name: str) -> None:
+    if logits.ndim != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(
+            f"{name} expects logits (N, C, H, W) and target (N, H, W); got "
+            f"{tuple(logits.shape)} and {tuple(target.shape)}"
+        )
+
+
+class CrossEntropyLoss(nn.Module):
+    """Multiclass cross-entropy over pixels, a thin layer over ``F.cross_entropy``.
+
+    The mean runs over the non-ignored pixels; with class weights it is the weighted mean
+    ``sum_i w[y_i] * l_i / sum_i w[y_i]`` (PyTorch's convention). A batch whose pixels are all
+    ignored gives 0 (with a graph), not NaN.
+
+    Args:
+        ignore_index: target value of pixels that add nothing to the loss (void, borders).
+        weight: per-class weights ``(num_classes,)`` (e.g. median-frequency balancing), or None.
+        label_smoothing: in ``[0, 1)``; 0 is plain cross-entropy.
+
+    Forward:
+        ``logits (N, C, H, W)``, ``target (N, H, W)`` int64 in ``[0, C) U {ignore_index}``
+        -> scalar.
+    """
+
+    weight: Tensor | None
+
+    def __init__(
+        self, ignore_index: int = 255, weight: Tensor | None = None, label_smoothing: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.label_smoothing = float(label_smoothing)
+        self.register_buffer(
+            "weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32)
+        )
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Return the mean loss over the non-ignored pixels (a scalar)."""
+        _check_shapes(logits, target, "CrossEntropyLoss")
+        if not (target != self.ignore_index).any():
+            return logits.sum() * 0.0
+        weight = None if self.weight is None else self.weight.to(logits.device, logits.dtype)
+        return F.cross_entropy(
+            logits,
+            target.long(),
+            weight=weight,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+        )
+
+
+class BCEWithLogits(nn.Module):
+    """Binary cross-entropy on one logit channel, with an ignore label.
+
+    Args:
+        ignore_index: target value of pixels that add nothing to the loss.
+        weight: optional ``(2,)`` weights for background (label 0) and foreground (label 1); the
+            mean is then weighted as in :class:`CrossEntropyLoss`.
+
+    Forward:
+        ``logits (N, 1, H, W)``, ``target (N, H, W)`` int64 in ``{0, 1, ignore_index}`` -> scalar,
+        the mean over non-ignored pixels (0 when every pixel is ignored).
+    """
+
+    weight: Tensor | None
+
+    def __init__(self, ignore_index: int = 255, weight: Tensor | None = None) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+        if weight is not None and torch.as_tensor(weight).shape != (2,):
+            shape = tuple(torch.as_tensor(weight).shape)
+            raise ValueError(f"BCEWithLogits weight must have shape (2,), got {shape}")
+        self.register_buffer(
+            "weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32)
+        )
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Return the mean binary cross-entropy over the non-ignored pixels (a scalar)."""
+        _check_shapes(logits, target, "BCEWithLogits")
+        if logits.shape[1] != 1:
+            raise ValueError(f"BCEWithLogits expects one logit channel, got {logits.shape[1]}")
+        logits = logits[:, 0]
+        valid = target != self.ignore_index
+        if not valid.any():
+            return logits.sum() * 0.0
+        x = logits[valid]
+        y = target[valid].to(x.dtype)
+        if self.weight is None:
+            return F.binary_cross_entropy_with_logits(x, y)
+        w = self.weight.to(x.device, x.dtype)[target[valid].long()]
+        return (F.binary_cross_entropy_with_logits(x, y, reduction="none") * w).sum() / w.sum()

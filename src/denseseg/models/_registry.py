@@ -1,0 +1,82 @@
+"""Model registry: public names -> builder functions (one registration line per model).
+
+Each registration may declare a tiny ``test_cfg`` (keyword arguments that make the model small
+enough for the CPU test suite) so that one parametrised suite runs over every registered model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn as nn
+
+from denseseg.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """What the registry knows about one public model name."""
+
+    name: str
+    builder: Callable[..., nn.Module]
+    test_cfg: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(
+    name: str | None = None, *, test_cfg: dict[str, Any] | None = None, description: str = ""
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering a builder under ``name`` (default: the function's name)."""
+
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        key = name or fn.__name__
+        if key in _REGISTRY:
+            raise ValueError(f"model {key!r} is registered twice")
+        doc = description or (fn.__doc__ or "").strip().splitlines()[0:1]
+        desc = doc if isinstance(doc, str) else (doc[0] if doc else "")
+        _REGISTRY[key] = ModelEntry(key, fn, dict(test_cfg or {}), desc)
+        return fn
+
+    return wrap
+
+
+def list_models() -> list[str]:
+    """Return the sorted public names of all registered models."""
+    return sorted(_REGISTRY)
+
+
+def get_model_entry(name: str) -> ModelEntry:
+    """Return the registry entry for ``name`` or raise :class:`ConfigError` naming the choices."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown model {name!r}; choose one of: {', '.join(list_models())}"
+        ) from None
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build the registered model ``name`` with keyword arguments ``kwargs``.
+
+    Args:
+        name: a name from :func:`list_models`, e.g. ``"unet"``.
+        **kwargs: the builder's keyword arguments (``num_classes``, ``in_channels``, ...).
+
+    Returns:
+        The model; its forward returns ``dict[str, Tensor]`` with ``out`` logits
+        ``(N, num_classes, H, W)``.
+    """
+    entry = get_model_entry(name)
+    try:
+        return entry.builder(**kwargs)
+    except TypeError as exc:
+        # An unknown keyword is a user error: say which model and which option.
+        if "unexpected keyword argument" in str(exc):
+            bad = str(exc).split("argument")[-1].strip()
+            raise ConfigError(f"model {name!r} has no option {bad}") from None
+        raise

@@ -1,0 +1,166 @@
+"""Pictures people look at: overlays side by side, per-class IoU, confusion matrix, curves.
+
+Uses matplotlib's non-interactive Agg backend, so it works on machines without a screen.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+
+def _legend(palette: Sequence[Sequence[int]], class_names: Sequence[str]) -> list[Patch]:
+    return [Patch(color=np.array(c) / 255.0, label=n) for c, n in zip(palette, class_names)]
+
+
+def save_image_grid(
+    rows: Sequence[Sequence[np.ndarray]],
+    path: str | Path,
+    *,
+    titles: Sequence[str] | None = None,
+    palette: Sequence[Sequence[int]] | None = None,
+    class_names: Sequence[str] | None = None,
+    cell: float = 2.2,
+) -> Path:
+    """Save a grid of uint8 ``(H, W, 3)`` pictures, one row per sample, with column titles and
+    an optional class legend."""
+    nr, nc = len(rows), max(len(r) for r in rows)
+    fig, axes = plt.subplots(nr, nc, figsize=(cell * nc, cell * nr + 0.6), squeeze=False)
+    for i, row in enumerate(rows):
+        for j in range(nc):
+            ax = axes[i][j]
+            ax.axis("off")
+            if j < len(row):
+                ax.imshow(row[j], interpolation="nearest")
+            if i == 0 and titles and j < len(titles):
+                ax.set_title(titles[j], fontsize=9)
+    if palette is not None and class_names is not None:
+        fig.legend(
+            handles=_legend(palette, class_names),
+            loc="lower center",
+            ncol=min(len(class_names), 6),
+            fontsize=8,
+            frameon=False,
+        )
+    fig.tight_layout(rect=(0, 0.05 if class_names else 0, 1, 1))
+    return _save(fig, path)
+
+
+def plot_per_class_iou(
+    iou: Sequence[float],
+    class_names: Sequence[str],
+    path: str | Path,
+    *,
+    title: str = "",
+    palette: Sequence[Sequence[int]] | None = None,
+) -> Path:
+    """Horizontal bar chart of per-class IoU in percent (NaN classes shown as 'n/a')."""
+    vals = [100 * v if v == v else 0.0 for v in iou]
+    fig, ax = plt.subplots(figsize=(6, 0.35 * len(vals) + 1.2))
+    colors = [np.array(c) / 255.0 for c in palette] if palette else None
+    ax.barh(range(len(vals)), vals, color=colors, edgecolor="black", linewidth=0.5)
+    ax.set_yticks(range(len(vals)), class_names)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("IoU (%)")
+    for k, v in enumerate(iou):
+        ax.text(
+            min(100 * v, 88) + 1 if v == v else 1,
+            k,
+            f"{100 * v:.1f}" if v == v else "n/a",
+            va="center",
+            fontsize=8,
+        )
+    finite = [v for v in iou if v == v]
+    miou = 100 * sum(finite) / len(finite) if finite else float("nan")
+    ax.set_title(f"{title}  mIoU {miou:.1f}%".strip(), fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_confusion_matrix(
+    confusion: np.ndarray, class_names: Sequence[str], path: str | Path, *, title: str = ""
+) -> Path:
+    """Row-normalised confusion matrix (rows: ground truth, columns: prediction), in percent."""
+    cm = np.asarray(confusion, dtype=np.float64)
+    rows = cm.sum(1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0) * 100
+    n = len(class_names)
+    size = max(4.0, 0.55 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=100)
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    if n <= 25:
+        for i in range(n):
+            for j in range(n):
+                if norm[i, j] >= 0.05:
+                    ax.text(
+                        j,
+                        i,
+                        f"{norm[i, j]:.0f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if norm[i, j] > 50 else "black",
+                    )
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="% of ground-truth pixels")
+    ax.set_title(title or "confusion matrix (row-normalised)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def read_log(path: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Read a training ``log.csv`` into ``{"loss": [(step, v)], "val_mIoU": [...], ...}``."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    with Path(path).open() as fh:
+        for row in csv.DictReader(fh):
+            for key, val in row.items():
+                if key != "step" and val not in ("", None):
+                    series.setdefault(key, []).append((int(row["step"]), float(val)))
+    return series
+
+
+def plot_training_curves(logs: dict[str, str | Path], path: str | Path) -> Path:
+    """Training loss and validation mIoU against steps, one line per run ``{label: log.csv}``."""
+    fig, (ax_l, ax_m) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for label, log_path in logs.items():
+        s = read_log(log_path)
+        if "loss" in s:
+            ax_l.plot(*zip(*s["loss"]), label=label)
+        if "val_mIoU" in s:
+            steps, vals = zip(*s["val_mIoU"])
+            ax_m.plot(steps, [100 * v for v in vals], marker="o", ms=3, label=label)
+    ax_l.set(xlabel="step", ylabel="training loss", title="loss")
+    ax_l.set_yscale("log")
+    ax_m.set(xlabel="step", ylabel="val mIoU (%)", title="validation mIoU", ylim=(0, 100))
+    for ax in (ax_l, ax_m):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def grid_shape(n: int) -> tuple[int, int]:
+    """Rows and columns of a near-square grid for ``n`` pictures."""
+    cols = math.ceil(math.sqrt(n))
+    return math.ceil(n / cols), cols
