@@ -20,6 +20,8 @@ prediction (done by the Segmenter), trained with the ``"bce"`` / ``"bce+dice"`` 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -275,13 +277,9 @@ def unet(
     test_cfg={"base_channels": 8, "depth": 3},
     description="U-Net as in the paper: unpadded convolutions, 572x572 in -> 388x388 out",
 )
-def unet_valid(
-    num_classes: int,
-    in_channels: int = 3,
-    base_channels: int = 64,
-    depth: int = 4,
-    batch_norm: bool = False,
-    dropout: float = 0.0,
-) -> UNet:
-    """U-Net with the paper's unpadded convolutions (predict large images by overlap-tile)."""
-    return UNet(num_classes, in_channels, base_channels, depth, "valid", batch_norm, dropout)
+def unet_valid(num_classes: int, **kwargs: Any) -> UNet:
+    """U-Net with the paper's unpadded convolutions (predict large images by overlap-tile);
+    takes :func:`unet`'s options except ``padding``."""
+    if "padding" in kwargs:
+        raise ConfigError("unet_valid has no option 'padding' (it is always valid); use unet")
+    return unet(num_classes, padding="valid", **kwargs)
