@@ -19,8 +19,6 @@ from denseseg.models import (
     unet_valid_input_size,
 )
 
-torch.set_num_threads(2)
-
 ODD_SIZE = (97, 131)
 VALID_MIN_SIZE = (188, 204)
 

@@ -11,10 +11,14 @@ import logging
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
 from denseseg.errors import DensesegError
+
+if TYPE_CHECKING:
+    from denseseg.config import DataCfg
 
 log = logging.getLogger("denseseg")
 
@@ -148,6 +152,68 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- check-data, browse
+def _data_source(args: argparse.Namespace) -> tuple[str, str | None, dict, DataCfg]:
+    """(dataset, root, format options, DataCfg) from a recipe and/or --dataset/--root."""
+    from denseseg.config import DataCfg, load_config
+    from denseseg.errors import ConfigError
+
+    if args.config is None and args.dataset is None:
+        raise ConfigError("give a recipe (CONFIG) or --dataset (and --root)")
+    dc = load_config(args.config, args.overrides).data if args.config else DataCfg()
+    dataset = args.dataset or dc.dataset
+    root = args.root if args.root is not None else dc.root
+    options = dict(dc.demo) if dataset == "demo" else {}
+    return dataset, root, options, dc
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from denseseg.data.check import check_dataset, format_report, plot_class_histogram
+
+    dataset, root, options, dc = _data_source(args)
+    splits = args.split
+    if splits is None and args.config:
+        splits = [s for s in (dc.train_split, dc.val_split) if s]
+    report = check_dataset(dataset, root, splits, options=options, progress=not args.no_progress)
+    print(format_report(report))
+    plot = plot_class_histogram(report, args.plot)
+    print(f"\nwrote {plot}")
+    problems = report.problems
+    if problems:
+        print(f"\n{len(problems)} problem(s):")
+        print("\n".join(problems))
+        return 1
+    print("no problems found")
+    return 0
+
+
+def cmd_browse(args: argparse.Namespace) -> int:
+    from denseseg.data.browse import browse
+    from denseseg.data.registry import get_dataset
+    from denseseg.data.transforms import build_transforms, default_mean_std
+
+    dataset, root, options, dc = _data_source(args)
+    split = args.split or dc.train_split
+    ds = get_dataset(dataset, root, split, **options)
+    transform, mean, std = None, None, None
+    if args.augment:
+        mean, std = default_mean_std(ds.in_channels)
+        mean, std = list(dc.mean or mean), list(dc.std or std)
+        transform = build_transforms(
+            True, mean=mean, std=std, ignore_index=ds.ignore_index, **dc.transform_kwargs()
+        )
+    out = browse(ds, args.out, n=args.n, transform=transform, mean=mean, std=std, seed=args.seed)
+    print(f"wrote {out} ({min(args.n, len(ds))} samples of {dataset} {split})")
+    return 0
+
+
+def _add_data_source(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="recipe YAML file or built-in recipe name")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=...")
+    parser.add_argument("--dataset", default=None, help="dataset format (folder, camvid, ...)")
+    parser.add_argument("--root", default=None, help="dataset folder")
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="denseseg", description="Semantic segmentation toolkit.")
@@ -200,6 +266,29 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests)")
     d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("check-data", help="check a dataset: counts, class pixels, bad files")
+    _add_data_source(c)
+    c.add_argument(
+        "--split",
+        action="append",
+        default=None,
+        help="split to check (repeatable); default: the recipe's, else train and val",
+    )
+    c.add_argument(
+        "--plot", default="runs/check_data/class_pixels.png", help="class histogram picture"
+    )
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_check_data)
+
+    b = sub.add_parser("browse", help="grid picture of samples with their masks overlaid")
+    _add_data_source(b)
+    b.add_argument("--split", default=None, help="split (default: the recipe's train split)")
+    b.add_argument("--n", type=int, default=16, help="number of samples")
+    b.add_argument("--augment", action="store_true", help="apply the recipe's train pipeline")
+    b.add_argument("--seed", type=int, default=0, help="seed of the sample choice and augmentation")
+    b.add_argument("--out", default="runs/browse/grid.png", help="PNG file to write")
+    b.set_defaults(func=cmd_browse)
 
     m = sub.add_parser("models", help="list registered models")
     m.set_defaults(func=cmd_models)

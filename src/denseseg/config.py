@@ -40,8 +40,21 @@ class DataCfg:
     val_split: str = "val"
     # Training crop (h, w); None trains on whole images (they must share one size then).
     crop_size: list[int] | None = None
+    # Random resize ratios: relative to each image's own size, or to base_size when given.
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    # mmseg's RandomResize scale: a short side, or [long, short] limits (aspect kept).
+    base_size: int | list[int] | None = None
+    # Re-draw the crop (up to 10 times) while one class covers this share of it; 1.0 = off.
+    cat_max_ratio: float = 1.0
     hflip: bool = True
+    # mmseg's PhotoMetricDistortion (brightness, contrast, saturation, hue).
+    photometric: bool = False
+    # U-Net's elastic deformation: true for the paper's {sigma: 10, grid: 3}, or a mapping
+    # with sigma, grid, p, interpolation, padding_mode.
+    elastic: bool | dict[str, Any] | None = None
+    # Evaluation-time resize keeping the aspect ratio (short side or [long, short]); the
+    # labels follow by nearest neighbour, so metrics are taken at that size. None = original.
+    eval_resize: int | list[int] | None = None
     # Normalisation in 0-1 units; None picks ImageNet's for RGB and 0.5/0.5 for grayscale.
     mean: list[float] | None = None
     std: list[float] | None = None
@@ -50,6 +63,19 @@ class DataCfg:
     num_workers: int = 0
     # Options of the built-in demo data (dataset: demo).
     demo: dict[str, Any] = field(default_factory=dict)
+
+    def transform_kwargs(self) -> dict[str, Any]:
+        """The training augmentation options as ``build_transforms`` keyword arguments
+        (``mean``, ``std`` and ``ignore_index`` come from the dataset and are left out)."""
+        return {
+            "crop_size": tuple(self.crop_size) if self.crop_size else None,
+            "scale_range": tuple(self.scale_range) if self.scale_range is not None else None,
+            "base_size": self.base_size,
+            "cat_max_ratio": self.cat_max_ratio,
+            "hflip": self.hflip,
+            "photometric": self.photometric,
+            "elastic": self.elastic,
+        }
 
 
 @dataclass

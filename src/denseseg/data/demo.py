@@ -26,7 +26,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from denseseg.errors import DataError
+from denseseg.errors import ConfigError, DataError
 
 DEMO_CLASSES: tuple[str, ...] = ("background", "circle", "rectangle", "triangle", "cross")
 """Class names of the demo dataset, index = label value in the masks."""
@@ -43,15 +43,17 @@ DEMO_PALETTE: tuple[tuple[int, int, int], ...] = (
 IGNORE_INDEX = 255
 
 # Bump when the drawing changes, so cached datasets from an older generator are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3
 DONE_MARKER = "demo.json"
 _MIN_SHAPES, _MAX_SHAPES = 2, 5
 # Shape sizes are given as an area (px^2) relative to a 64x64 image, so every class covers about
 # the same number of pixels for the same draw and size alone does not tell the classes apart.
-_AREA_RANGE = (110.0, 520.0)
+_AREA_RANGE = (150.0, 600.0)
 _MIN_COLOUR_DIST = 90.0  # RGB distance between any two region colours of one image
-_MAX_OCCLUDED = 0.4  # at most this share of a shape may be hidden by shapes drawn later
+_MAX_OCCLUDED = 0.2  # at most this share of a shape may be hidden by shapes drawn later
 _TEXTURES = ("flat", "stripes", "checker", "dots", "grain", "blotch")
+_TEXTURE_STRENGTH = (0.05, 0.2)  # how far a texture pulls a region's colour towards black/white
+_NOISE_STD = (2.0, 6.0)  # per-image range of the Gaussian pixel noise (0-255 scale)
 
 
 def default_cache_dir() -> Path:
@@ -137,7 +139,7 @@ def _fill(
     rng: np.random.Generator, colour: np.ndarray, xx: np.ndarray, yy: np.ndarray
 ) -> np.ndarray:
     """Return an ``(H, W, 3)`` float image of ``colour`` overlaid with a random texture."""
-    t = _texture(rng, xx, yy)[..., None] * rng.uniform(0.15, 0.4)
+    t = _texture(rng, xx, yy)[..., None] * rng.uniform(*_TEXTURE_STRENGTH)
     # Texture pulls the colour towards black or white, keeping the region's hue recognisable.
     target = 255.0 if rng.random() < 0.5 else 0.0
     return colour * (1 - t) + target * t
@@ -220,7 +222,7 @@ def render_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
     # Shading and sensor noise act on the whole picture, background and shapes alike.
     gx, gy = rng.uniform(-0.2, 0.2, size=2)
     image *= (1 + (gx * (xx - size / 2) + gy * (yy - size / 2)) / size)[..., None]
-    image += rng.normal(0.0, rng.uniform(3.0, 10.0), size=image.shape)
+    image += rng.normal(0.0, rng.uniform(*_NOISE_STD), size=image.shape)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), mask
 
 
@@ -241,9 +243,9 @@ def _palette_bytes() -> list[int]:
 
 
 def _write_sample(folder: Path, stem: str, image: np.ndarray, mask: np.ndarray) -> None:
-    Image.fromarray(image, mode="RGB").save(folder / "images" / f"{stem}.png")
-    png = Image.fromarray(mask, mode="P")
-    png.putpalette(_palette_bytes())
+    Image.fromarray(image).save(folder / "images" / f"{stem}.png")
+    png = Image.fromarray(mask)
+    png.putpalette(_palette_bytes())  # turns the mode-L index image into a palette ("P") image
     png.save(folder / "masks" / f"{stem}.png")
 
 
@@ -302,10 +304,11 @@ def make_demo_dataset(
         ``val.txt`` and the ``demo.json`` marker with the parameters.
 
     Raises:
+        ConfigError: a size or count out of range.
         DataError: ``root`` holds something other than this demo dataset.
     """
     if image_size < 32 or num_train < 0 or num_val < 0:
-        raise DataError(
+        raise ConfigError(
             f"demo dataset: need image_size >= 32 and non-negative counts, got "
             f"image_size={image_size}, num_train={num_train}, num_val={num_val}"
         )

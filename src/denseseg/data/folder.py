@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 import yaml
-from torch.utils.data import Dataset
 
-from denseseg.data.io import image_info, read_image, read_mask
+from denseseg.data.datasets.base import IMAGE_SUFFIXES, SegmentationDataset
+from denseseg.data.io import image_info, read_mask
 from denseseg.data.palette import Color, default_palette, parse_palette
 
 # The statistics live in stats.py (they work on any dataset); re-exported for callers that
@@ -48,7 +48,6 @@ from denseseg.errors import ConfigError, DataError
 
 __all__ = ["IMAGE_SUFFIXES", "FolderDataset", "available_splits"]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _YAML_KEYS = ("classes", "palette", "ignore_index")
 _ALL_SPLITS = ("all", None)
 
@@ -211,7 +210,7 @@ def _all_mask_files(root: Path) -> list[Path]:
     return [p for d in dirs if d.is_dir() for p in sorted(d.glob("*.png"))]
 
 
-class FolderDataset(Dataset):
+class FolderDataset(SegmentationDataset):
     """Images and class-index masks laid out in plain folders (see the module docstring).
 
     Args:
@@ -303,84 +302,3 @@ class FolderDataset(Dataset):
                 "write classes.yaml or pass num_classes"
             )
         return top + 1
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, "
-            f"len={len(self)}, num_classes={self.num_classes}, in_channels={self.in_channels})"
-        )
-
-    def _check_labels(self, target: torch.Tensor, mask_path: Path) -> None:
-        ok = ((target >= 0) & (target < self.num_classes)) | (target == self.ignore_index)
-        if not bool(ok.all()):
-            bad = torch.unique(target[~ok]).tolist()
-            shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
-            raise DataError(
-                f"mask {mask_path} holds labels {shown} outside 0..{self.num_classes - 1} "
-                f"(ignore_index {self.ignore_index}); fix the mask or the class list"
-            )
-
-    def load_target(self, index: int) -> torch.Tensor:
-        """Read and check one mask without its image (used by dataset statistics).
-
-        Args:
-            index: Item index.
-
-        Returns:
-            ``int64`` tensor ``(H, W)``.
-        """
-        mask_path = self.files[index][1]
-        target = read_mask(mask_path)
-        self._check_labels(target, mask_path)
-        return target
-
-    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Read and check one item, without transforms.
-
-        Args:
-            index: Item index.
-
-        Returns:
-            ``(image uint8 (C, H, W), target int64 (H, W))``.
-
-        Raises:
-            DataError: Unreadable file, size or channel mismatch, or a bad label.
-        """
-        image_path, mask_path = self.files[index]
-        image = read_image(image_path)
-        if image.shape[0] != self.in_channels:
-            raise DataError(
-                f"image {image_path} has {image.shape[0]} channel(s) but {self.files[0][0]} has "
-                f"{self.in_channels}; convert all images to the same colour mode"
-            )
-        target = read_mask(mask_path)
-        if tuple(target.shape) != tuple(image.shape[1:]):
-            raise DataError(
-                f"mask {mask_path} is {target.shape[0]}x{target.shape[1]} (HxW) but image "
-                f"{image_path} is {image.shape[1]}x{image.shape[2]}; masks must match their image"
-            )
-        self._check_labels(target, mask_path)
-        return image, target
-
-    def __getitem__(self, index: int) -> Any:
-        image, target = self.load(index)
-        if self.transforms is not None:
-            return self.transforms(image, target)
-        return image, target
-
-    def check(self) -> list[str]:
-        """Load every item and collect the problems instead of raising.
-
-        Returns:
-            One message per faulty item (empty when the split is clean).
-        """
-        problems: list[str] = []
-        for i in range(len(self)):
-            try:
-                self.load(i)
-            except DataError as exc:
-                problems.append(str(exc))
-        return problems

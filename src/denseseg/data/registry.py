@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,44 @@ from torch.utils.data import Dataset
 
 from denseseg.errors import ConfigError, DataError
 
-DATASETS = ("folder", "demo")
+# Format name -> "module:class"; imported on use so that opening one format never needs another
+# format's optional dependency (pycocotools for coco).
+_READERS: dict[str, str] = {
+    "voc": "denseseg.data.datasets.voc:VOCDataset",
+    "cityscapes": "denseseg.data.datasets.cityscapes:CityscapesDataset",
+    "ade20k": "denseseg.data.datasets.ade20k:ADE20KDataset",
+    "camvid": "denseseg.data.datasets.camvid:CamVidDataset",
+    "isbi2012": "denseseg.data.datasets.isbi2012:ISBI2012Dataset",
+    "coco": "denseseg.data.datasets.coco:CocoDataset",
+}
+
+DATASETS = ("folder", "demo", *_READERS)
+"""Every dataset format name ``get_dataset`` accepts."""
+
+
+def dataset_class(dataset: str) -> type:
+    """The reader class of a benchmark format (``voc``, ``cityscapes``, ...).
+
+    Args:
+        dataset: A format name from :data:`DATASETS` other than ``demo``.
+
+    Returns:
+        The dataset class; its ``__init__`` arguments after ``root``, ``split`` and
+        ``transforms`` are the format's options.
+    """
+    if dataset == "folder":
+        from denseseg.data.folder import FolderDataset
+
+        return FolderDataset
+    if dataset not in _READERS:
+        raise ConfigError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
+    module, name = _READERS[dataset].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _format_options(cls: type) -> list[str]:
+    params = inspect.signature(cls.__init__).parameters
+    return [p for p in params if p not in ("self", "root", "split", "transforms")]
 
 
 def get_dataset(
@@ -24,32 +63,43 @@ def get_dataset(
     """Open a dataset in its on-disk format.
 
     Args:
-        dataset: the format's name: ``folder`` (the generic layout) or ``demo`` (the built-in
-            procedural scenes, generated and cached on first use; ``root`` may be None).
+        dataset: the format's name: ``folder`` (the generic layout), ``demo`` (the built-in
+            procedural scenes, generated and cached on first use; ``root`` may be None),
+            ``voc``, ``cityscapes``, ``ade20k``, ``camvid``, ``isbi2012`` or ``coco`` (the
+            benchmarks' layouts as they ship; see :mod:`denseseg.data.datasets`).
         root: the dataset's folder.
         split: ``train``, ``val``, ...
         transforms: joint transform ``(image, target) -> (image, target)``; None returns the uint8
             image ``(C, H, W)`` and int64 target ``(H, W)``.
-        **options: format-specific options (for ``demo``: ``make_demo_dataset``'s arguments).
+        **options: format-specific options: for ``demo`` ``make_demo_dataset``'s arguments; for
+            the benchmark formats the reader's keyword arguments (``voc``: ``mask_dir``;
+            ``coco``: ``target``, ``category_map``, ``classes``, ``ann_file``, ``img_dir``,
+            ``drop_empty``).
 
     Returns:
-        A map-style dataset with ``classes``, ``num_classes``, ``palette``, ``ignore_index`` and
-        ``in_channels`` attributes.
-    """
-    from denseseg.data.folder import FolderDataset
+        A map-style dataset with ``classes``, ``num_classes``, ``palette``, ``ignore_index``,
+        ``in_channels`` and ``files`` attributes, and ``load_target`` and ``check`` methods.
 
+    Raises:
+        ConfigError: Unknown format or option, or no root.
+        DataError: The root does not exist, or the layout or split is wrong.
+    """
     if dataset == "demo":
         from denseseg.data.demo import make_demo_dataset
+        from denseseg.data.folder import FolderDataset
 
         # Generated on first use, then reused from its cache (or from ``root`` when given).
         root = make_demo_dataset(root, **options)
         return FolderDataset(root, split=split, transforms=transforms)
-    if dataset == "folder":
-        if options:
-            raise ConfigError(f"dataset 'folder' takes no options, got {sorted(options)}")
-        if root is None:
-            raise ConfigError("dataset 'folder' needs a root folder (data.root or --root)")
-        if not Path(root).is_dir():
-            raise DataError(f"dataset folder {root} does not exist; check data.root / --root")
-        return FolderDataset(root, split=split, transforms=transforms)
-    raise ConfigError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
+    cls = dataset_class(dataset)
+    allowed = [] if dataset == "folder" else _format_options(cls)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        takes = f"options {', '.join(allowed)}" if allowed else "no options"
+        raise ConfigError(f"dataset {dataset!r} takes {takes}, got {unknown}")
+    if root is None:
+        if not (dataset == "coco" and options.get("ann_file") and options.get("img_dir")):
+            raise ConfigError(f"dataset {dataset!r} needs a root folder (data.root or --root)")
+    elif not Path(root).is_dir():
+        raise DataError(f"dataset folder {root} does not exist; check data.root / --root")
+    return cls(root, split=split, transforms=transforms, **options)

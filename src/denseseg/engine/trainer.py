@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from denseseg.config import Config, save_config
 from denseseg.data.registry import get_dataset
-from denseseg.data.transforms import build_transforms, default_mean_std
+from denseseg.data.transforms import build_eval_resize, build_transforms, default_mean_std
 from denseseg.engine.checkpoint import (
     FORMAT_VERSION,
     atomic_save,
@@ -154,7 +154,13 @@ def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, Any]:
 
     opts = _dataset_options(cfg)
     train_raw = get_dataset(dc.dataset, dc.root, dc.train_split, **opts)
-    val_raw = get_dataset(dc.dataset, dc.root, dc.val_split, **opts) if dc.val_split else None
+    # Evaluation reads raw uint8 items; eval_resize (optional) only resizes them.
+    val_tfm = build_eval_resize(dc.eval_resize) if dc.eval_resize is not None else None
+    val_raw = (
+        get_dataset(dc.dataset, dc.root, dc.val_split, transforms=val_tfm, **opts)
+        if dc.val_split
+        else None
+    )
     if len(train_raw) == 0:  # type: ignore[arg-type]
         raise DataError(f"the {dc.train_split!r} split of {dc.root or dc.dataset} has no images")
     num_classes, in_channels = train_raw.num_classes, train_raw.in_channels
@@ -172,13 +178,7 @@ def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, Any]:
     mean, std = default_mean_std(in_channels)
     mean, std = list(dc.mean or mean), list(dc.std or std)
     tfm = build_transforms(
-        True,
-        crop_size=tuple(dc.crop_size) if dc.crop_size else None,
-        scale_range=tuple(dc.scale_range),
-        hflip=dc.hflip,
-        mean=mean,
-        std=std,
-        ignore_index=train_raw.ignore_index,
+        True, mean=mean, std=std, ignore_index=train_raw.ignore_index, **dc.transform_kwargs()
     )
     train_ds = SeededTransformDataset(train_raw, tfm)
     weights = _class_weights(cfg, train_raw, num_classes)

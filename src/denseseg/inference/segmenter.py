@@ -2,14 +2,29 @@
 
 It owns preprocessing (uint8 -> normalised float), batching of images of mixed sizes (padded to a
 common size, each output cropped back to its own image), and turning logits into labels (argmax,
-or a sigmoid threshold for binary models with one output channel). Whole-image inference is the
-mode implemented here; valid-padding networks (the original U-Net) are fed a mirror-padded image
-so that their centre-crop output covers the whole input.
+or a sigmoid threshold for binary models with one output channel).
+
+Modes:
+
+* ``"whole"``: the model sees the whole image at once. A valid-padding network (the original
+  U-Net, whose output is the centre of its input) gets one tile: the image mirror-padded by the
+  context the network loses, so its output covers every pixel.
+* ``"overlap_tile"`` (U-Net paper, Fig. 2): valid-padding networks only. The image is cut into
+  tiles of at most ``tile_size`` input pixels whose outputs tile the image; each tile's input is
+  its output region plus the lost context, taken from the image or, at the border, its mirror
+  image. Memory is bounded by the tile, so any image size can be segmented. Tiles start on the
+  network's pooling grid (output steps are multiples of it, so neighbouring outputs may overlap a
+  few pixels), which makes the result equal to the whole-image one, not just close to it.
+
+Both modes go through the one tiler (:func:`plan_tiles` and :meth:`Segmenter._tiled_logits`);
+whole-image inference of a valid network is its single-tile case.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from denseseg.errors import ConfigError, DataError
+
+MODES = ("whole", "overlap_tile")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -43,6 +60,10 @@ class Segmenter:
         threshold: probability above which a binary model (one channel) predicts class 1.
         amp: run CUDA inference in float16 autocast.
         meta: free-form information kept with the model (its name, kwargs, checkpoint path).
+        mode: ``"whole"`` or ``"overlap_tile"`` (see the module docstring).
+        tile_size: for ``"overlap_tile"``: the largest tile side the network is fed, an int or
+            ``(height, width)``; rounded down to a size the network accepts (572 for the paper's
+            U-Net gives 388x388 output tiles).
     """
 
     def __init__(
@@ -58,6 +79,8 @@ class Segmenter:
         threshold: float = 0.5,
         amp: bool = False,
         meta: dict[str, Any] | None = None,
+        mode: str = "whole",
+        tile_size: int | Sequence[int] | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
@@ -83,6 +106,9 @@ class Segmenter:
         self.threshold = threshold
         self.amp = amp and self.device.type == "cuda"
         self.meta = dict(meta or {})
+        self.valid = getattr(model, "padding", "same") == "valid"
+        self.mode = mode
+        self.tile_size = _check_mode(model, mode, tile_size, self.valid)
 
     # ---------------------------------------------------------------- preprocessing
     def preprocess(self, image: Tensor) -> Tensor:
@@ -110,33 +136,53 @@ class Segmenter:
     def logits(self, x: Tensor) -> Tensor:
         """Logits for a normalised batch ``(N, C, H, W)`` -> ``(N, K, H, W)`` (K = 1 for binary).
 
-        Valid-padding models get a mirror-padded input so the output covers every pixel.
+        Valid-padding models are run through the tiler (one tile in ``"whole"`` mode) so the
+        output covers every pixel.
         """
         x = x.to(self.device)
         h, w = x.shape[-2:]
-        if getattr(self.model, "padding", "same") == "valid":
-            x = self._mirror_pad_for_valid(x)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            out = self.model(x)["out"]
+        if self.valid:
+            out = self._tiled_logits(x, self.tile_size)
+        else:
+            out = self._forward(x)
         out = out.float()[..., :h, :w]
         if out.shape[-2:] != (h, w):
             out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
         return out
 
-    def _mirror_pad_for_valid(self, x: Tensor) -> Tensor:
-        # The valid U-Net loses a fixed border on each side; feed it mirrored context so its
-        # centre-crop output starts at the image's first pixel and covers the whole image
-        # (the paper's overlap-tile idea, for a single tile).
-        model: Any = self.model
-        pads = []
-        for n in x.shape[-2:]:
-            size = model.valid_input_size(n)
-            while model.output_size(size) < n:
-                size = model.valid_input_size(size + 1)
-            border = (size - model.output_size(size)) // 2
-            pads.append((border, size - n - border))
-        (top, bottom), (left, right) = pads
-        return _reflect_pad(x, left, right, top, bottom)
+    def _forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            return self.model(x)["out"]
+
+    def _tiled_logits(self, x: Tensor, tile_size: tuple[int, int] | None) -> Tensor:
+        """Run a valid-padding model tile by tile over a mirror-padded ``x (N, C, H, W)``.
+
+        Returns:
+            Logits ``(N, K, H', W')`` with ``H' >= H``, ``W' >= W``, aligned with ``x`` at the
+            top-left corner.
+        """
+        h, w = x.shape[-2:]
+        rows = plan_tiles(h, self.model, None if tile_size is None else tile_size[0])
+        cols = plan_tiles(w, self.model, None if tile_size is None else tile_size[1])
+        # Mirror the border so that every tile's input, context included, lies in the padded
+        # image: the output of the first tile starts at the image's first pixel.
+        x = _reflect_pad(
+            x,
+            cols.border,
+            cols.padded_size - w - cols.border,
+            rows.border,
+            rows.padded_size - h - rows.border,
+        )
+        out: Tensor | None = None
+        for top in rows.starts:
+            for left in cols.starts:
+                y = self._forward(x[..., top : top + rows.tile_in, left : left + cols.tile_in])
+                if out is None:
+                    out = y.new_empty((*y.shape[:2], rows.covered, cols.covered))
+                # Overlapping outputs are equal (same context, same pooling grid): overwrite.
+                out[..., top : top + rows.tile_out, left : left + cols.tile_out] = y
+        assert out is not None
+        return out
 
     # ---------------------------------------------------------------- prediction
     @torch.no_grad()
@@ -179,7 +225,113 @@ class Segmenter:
 
     def __repr__(self) -> str:
         name = self.meta.get("model_name", type(self.model).__name__)
-        return f"Segmenter({name}, classes={self.num_classes}, device={self.device})"
+        mode = self.mode if self.tile_size is None else f"{self.mode} {self.tile_size}"
+        return f"Segmenter({name}, classes={self.num_classes}, device={self.device}, {mode})"
+
+
+# -------------------------------------------------------------------- the tiler
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How one image axis is cut into tiles for a valid-padding network.
+
+    Attributes:
+        tile_in: input side of every tile.
+        tile_out: output side of every tile.
+        border: context the network loses on the leading side, ``(tile_in - tile_out) // 2``.
+        starts: start of each tile, in padded-image coordinates (= its output's start in the
+            image).
+    """
+
+    tile_in: int
+    tile_out: int
+    border: int
+    starts: tuple[int, ...]
+
+    @property
+    def covered(self) -> int:
+        """Output pixels covered by the tiles (at least the image side)."""
+        return self.starts[-1] + self.tile_out
+
+    @property
+    def padded_size(self) -> int:
+        """Side of the mirror-padded image the tiles are cut from."""
+        return self.starts[-1] + self.tile_in
+
+
+def plan_tiles(size: int, model: Any, max_tile: int | None = None) -> TilePlan:
+    """Tiles covering an image side of ``size`` pixels for a valid-padding ``model``.
+
+    The model must have ``valid_input_size(min_size)`` (smallest accepted input side) and
+    ``output_size(input_size)`` (as :class:`denseseg.models.UNet`).
+
+    With ``max_tile=None``, or when one tile of at most ``max_tile`` covers the image, the plan is
+    one tile: the smallest accepted input whose output covers ``size``. Otherwise every tile has
+    the largest accepted side ``<= max_tile``; tiles step by the largest multiple of the network's
+    pooling grid (the spacing of accepted sizes, ``2**depth`` for a U-Net) not above the output
+    tile, so every tile sees the image on the same pooling grid as the first one.
+
+    Args:
+        size: image side in pixels (>= 1).
+        model: the valid-padding network.
+        max_tile: the largest tile input side, or ``None`` for one tile.
+
+    Returns:
+        The plan for this axis.
+
+    Raises:
+        ConfigError: ``max_tile`` is too small for the network.
+    """
+    # A valid network's output is smaller than its input: start the search at ``size``.
+    single = model.valid_input_size(size)
+    while model.output_size(single) < size:
+        single = model.valid_input_size(single + 1)
+    if max_tile is None or single <= max_tile:
+        out = model.output_size(single)
+        return TilePlan(single, out, (single - out) // 2, (0,))
+    tile_in = max_tile
+    while tile_in >= 1 and model.valid_input_size(tile_in) != tile_in:
+        tile_in -= 1
+    smallest = model.valid_input_size(1)
+    grid = model.valid_input_size(smallest + 1) - smallest
+    tile_out = model.output_size(tile_in) if tile_in >= smallest else 0
+    step = tile_out - tile_out % grid
+    if step <= 0:
+        least = smallest
+        while model.output_size(least) < grid:
+            least = model.valid_input_size(least + 1)
+        raise ConfigError(
+            f"tile_size {max_tile} is too small for this network (its output must reach "
+            f"{grid} pixels); use tile_size >= {least}"
+        )
+    count = 1 + math.ceil(max(size - tile_out, 0) / step)
+    return TilePlan(
+        tile_in, tile_out, (tile_in - tile_out) // 2, tuple(range(0, count * step, step))
+    )
+
+
+def _check_mode(
+    model: nn.Module, mode: str, tile_size: int | Sequence[int] | None, valid: bool
+) -> tuple[int, int] | None:
+    """Validate ``mode`` / ``tile_size``; returns the tile size as ``(h, w)`` or None."""
+    if mode not in MODES:
+        raise ConfigError(f"unknown inference mode {mode!r}; choose {' or '.join(MODES)}")
+    if mode == "whole":
+        return None
+    if not valid:
+        raise ConfigError(
+            "mode='overlap_tile' needs a valid-padding network (e.g. unet_valid); this model "
+            "pads its convolutions, use mode='whole'"
+        )
+    if tile_size is None:
+        raise ConfigError("mode='overlap_tile' needs tile_size (e.g. 572 for the paper's U-Net)")
+    sides = (tile_size, tile_size) if isinstance(tile_size, int) else tuple(tile_size)
+    if len(sides) != 2 or not all(isinstance(t, int) and t >= 1 for t in sides):
+        raise ConfigError(f"tile_size={tile_size!r} must be an integer or (height, width) >= 1")
+    for side in sides:  # fail now, not on the first large image
+        plan_tiles(side + 1, model, side)
+    return sides[0], sides[1]
 
 
 def pad_batch(xs: Sequence[Tensor], value: float = 0.0) -> tuple[Tensor, list[tuple[int, int]]]:

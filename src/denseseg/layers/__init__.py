@@ -1,5 +1,7 @@
 """Small building blocks shared by the models."""
 
+from denseseg.layers.aspp import ASPP, ASPPPooling, ASPPv2
 from denseseg.layers.conv import ConvNormAct, he_normal_
+from denseseg.layers.heads import FCNHead, LRASPPHead
 
-__all__ = ["ConvNormAct", "he_normal_"]
+__all__ = ["ASPP", "ASPPPooling", "ASPPv2", "ConvNormAct", "FCNHead", "LRASPPHead", "he_normal_"]

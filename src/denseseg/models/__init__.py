@@ -5,7 +5,9 @@ semantic model returns ``{"out": logits (N, num_classes, H, W)}`` and has the at
 ``num_classes`` and ``in_channels``. ``num_classes=1`` means binary segmentation.
 """
 
-from denseseg.models import pixelwise, unet  # noqa: F401  (import registers the models)
+# Importing registers the models: fcn (fcn32s/16s/8s), deeplab (the papers' DeepLab v2/v3/v3+),
+# tv_layouts (torchvision's names), pixelwise, unet.
+from denseseg.models import deeplab, fcn, pixelwise, tv_layouts, unet  # noqa: F401
 from denseseg.models._registry import create_model, get_model_entry, list_models, register_model
 from denseseg.models.pixelwise import PixelwiseClassifier
 from denseseg.models.unet import UNet, unet_output_size, unet_valid_input_size

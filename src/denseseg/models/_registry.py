@@ -6,6 +6,7 @@ enough for the CPU test suite) so that one parametrised suite runs over every re
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,11 +61,17 @@ def get_model_entry(name: str) -> ModelEntry:
         ) from None
 
 
-def create_model(name: str, **kwargs: Any) -> nn.Module:
+def create_model(
+    name: str, *, weights: Any = None, backbone_weights: Any = None, **kwargs: Any
+) -> nn.Module:
     """Build the registered model ``name`` with keyword arguments ``kwargs``.
 
     Args:
         name: a name from :func:`list_models`, e.g. ``"unet"``.
+        weights: whole-model weights: a local file (denseseg checkpoint, state_dict, safetensors;
+            a torchvision state_dict for the torchvision-layout models) or a torchvision weights
+            name (``"COCO_WITH_VOC_LABELS_V1"``); see :mod:`denseseg.models.weights`.
+        backbone_weights: the same for the backbone alone (e.g. an ImageNet ResNet-50 file).
         **kwargs: the builder's keyword arguments (``num_classes``, ``in_channels``, ...).
 
     Returns:
@@ -72,11 +79,29 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         ``(N, num_classes, H, W)``.
     """
     entry = get_model_entry(name)
+    # A builder that takes these options itself (e.g. FCN converting a classifier's fc layers)
+    # handles them; otherwise the generic loaders run on the built model.
+    params = inspect.signature(entry.builder).parameters
+    deferred = {}
+    for key, value in (("backbone_weights", backbone_weights), ("weights", weights)):
+        if value is not None:
+            if key in params:
+                kwargs[key] = value
+            else:
+                deferred[key] = value
     try:
-        return entry.builder(**kwargs)
+        model = entry.builder(**kwargs)
     except TypeError as exc:
         # An unknown keyword is a user error: say which model and which option.
         if "unexpected keyword argument" in str(exc):
             bad = str(exc).split("argument")[-1].strip()
             raise ConfigError(f"model {name!r} has no option {bad}") from None
         raise
+    if deferred:
+        from denseseg.models.weights import load_backbone_weights, load_model_weights
+
+        if "backbone_weights" in deferred:
+            load_backbone_weights(model, deferred["backbone_weights"])
+        if "weights" in deferred:
+            load_model_weights(model, deferred["weights"])
+    return model
