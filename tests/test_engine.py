@@ -190,3 +190,30 @@ def test_freeze_backbone(tiny_dataset: Path, tmp_path: Path) -> None:
                 ],
             )
         )
+
+
+def test_training_evaluation_matches_saved_checkpoint(tiny_dataset: Path, tmp_path: Path) -> None:
+    # The trainer evaluates in eval mode (batch norm running statistics), so the mIoU that picks
+    # `best.pt` is what evaluating that checkpoint afterwards gives, and evaluating mid-training
+    # leaves the running statistics alone.
+    from denseseg.data.registry import get_dataset
+    from denseseg.engine.evaluate import evaluate
+
+    run = tmp_path / "r"
+    over = tiny_recipe(tiny_dataset, run) + ["train.max_steps=4", "train.eval_every=2"]
+    result = train(load_config("unet_demo", over))
+    seg = load_model(run / "last.pt", device="cpu")
+    val = get_dataset("folder", str(tiny_dataset), "val")
+    again = evaluate(seg, val, batch_size=2, progress=False).compute()
+    assert result["metrics"]["mIoU"] == pytest.approx(again["mIoU"], abs=1e-12)
+    assert load_checkpoint(run / "last.pt")["metrics"]["aAcc"] == pytest.approx(again["aAcc"])
+
+
+def test_segmenter_restores_training_mode() -> None:
+    model = create_model("unet", num_classes=2, base_channels=4, depth=2, batch_norm=True)
+    seg = Segmenter(model, mean=[0.5] * 3, std=[0.25] * 3)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seg.predict(torch.randint(0, 255, (3, 16, 16), dtype=torch.uint8))
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

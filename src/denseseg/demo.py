@@ -50,7 +50,13 @@ def run_demo(
         run = out / name
         if run.exists():
             shutil.rmtree(run)  # the demo is regenerated from scratch every time
-        overrides = [f"train.out_dir={run}", f"train.progress={str(progress).lower()}"]
+        # Evaluate once, at the end, and skip TensorBoard: the demo has a 3-minute budget.
+        overrides = [
+            f"train.out_dir={run}",
+            f"train.progress={str(progress).lower()}",
+            "train.eval_every=0",
+            "train.tensorboard=false",
+        ]
         if quick:
             overrides += ["train.max_steps=6", "train.eval_every=6", "train.log_every=2"]
         cfg = load_config(f"{name}_demo", overrides)

@@ -52,6 +52,12 @@ class SeededTransformDataset(Dataset):
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item
         image, target = self.dataset[index]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        # Seed only the CPU generator (the transforms draw from it) and restore it afterwards.
+        # torch.manual_seed would also queue a CUDA re-seed, which is slow and not undone here.
+        gen = torch.default_generator
+        state = gen.get_state()
+        gen.manual_seed(seed)
+        try:
             return self.transforms(image, target)
+        finally:
+            gen.set_state(state)

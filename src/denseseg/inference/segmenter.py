@@ -141,10 +141,14 @@ class Segmenter:
         """
         x = x.to(self.device)
         h, w = x.shape[-2:]
-        if self.valid:
-            out = self._tiled_logits(x, self.tile_size)
-        else:
-            out = self._forward(x)
+        # Always infer in eval mode (batch norm running statistics, no dropout), even when the
+        # trainer hands us a model it has put back into training mode; restore the mode after.
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = self._tiled_logits(x, self.tile_size) if self.valid else self._forward(x)
+        finally:
+            self.model.train(was_training)
         out = out.float()[..., :h, :w]
         if out.shape[-2:] != (h, w):
             out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
