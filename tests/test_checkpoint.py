@@ -6,7 +6,6 @@ import torch
 from denseseg.engine.checkpoint import (
     atomic_save,
     load_checkpoint,
-    load_weights,
     rng_state,
     set_rng_state,
 )
@@ -49,14 +48,3 @@ def test_rng_state_round_trip_is_weights_only_loadable(tmp_path: Path) -> None:
     a = (random.random(), np.random.rand(), torch.rand(1).item())
     set_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
-
-
-def test_load_weights_skips_mismatched_classifier(tmp_path: Path) -> None:
-    src = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 5, 1))
-    dst = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 2, 1))
-    atomic_save({"model": src.state_dict()}, tmp_path / "w.pt")
-    with pytest.raises(CheckpointError, match="do not fit"):
-        load_weights(dst, tmp_path / "w.pt")
-    skipped = load_weights(dst, tmp_path / "w.pt", strict=False)
-    assert sorted(skipped) == ["1.bias", "1.weight"]
-    assert torch.equal(dst[0].weight, src[0].weight)

@@ -217,3 +217,59 @@ def test_segmenter_restores_training_mode() -> None:
     seg.predict(torch.randint(0, 255, (3, 16, 16), dtype=torch.uint8))
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _deeplab_recipe(data: Path, run: Path, *extra: str) -> list[str]:
+    return tiny_recipe(data, run) + [
+        "model.name=deeplabv3",
+        "model.kwargs={backbone: resnet18, backbone_kwargs: {width: 0.25}, aspp_channels: 16, "
+        "multi_grid: [1, 2], aux_loss: true}",
+        "train.max_steps=2",
+        "train.eval_every=0",
+        *extra,
+    ]
+
+
+def test_auxiliary_head_is_trained_with_its_weight(tiny_dataset: Path, tmp_path: Path) -> None:
+    # torchvision's recipe adds 0.5 x the auxiliary head's loss; with weight 0 the aux head
+    # receives no gradient and keeps its initial weights.
+    heads = {}
+    for w in (0.0, 0.5):
+        run = tmp_path / f"aux{w}"
+        train(load_config("unet_demo", _deeplab_recipe(tiny_dataset, run, f"loss.aux_weight={w}")))
+        heads[w] = load_checkpoint(run / "last.pt")["model"]["aux_head.classifier.weight"]
+    torch.manual_seed(0)
+    init = create_model(
+        "deeplabv3",
+        num_classes=3,
+        backbone="resnet18",
+        backbone_kwargs={"width": 0.25},
+        aspp_channels=16,
+        multi_grid=(1, 2),
+        aux_loss=True,
+    ).state_dict()["aux_head.classifier.weight"]
+    assert torch.equal(heads[0.0], init)
+    assert not torch.equal(heads[0.5], init)
+
+
+def test_initial_weights_are_not_needed_to_reload(tiny_dataset: Path, tmp_path: Path) -> None:
+    # A run initialised from a local backbone file saves the trained weights; the checkpoint
+    # rebuilds without that file (it is not part of the model's options).
+    from denseseg.backbones import create_backbone
+
+    src = tmp_path / "backbone.pt"
+    torch.save(create_backbone("resnet18", width=0.25).state_dict(), src)
+    run = tmp_path / "r"
+    over = _deeplab_recipe(tiny_dataset, run)
+    over[-3] = over[-3].replace("aux_loss: true}", f"aux_loss: true, backbone_weights: {src}}}")
+    train(load_config("unet_demo", over))
+    kwargs = load_checkpoint(run / "last.pt")["model_kwargs"]
+    assert "backbone_weights" not in kwargs and "weights" not in kwargs
+    src.unlink()
+    assert load_model(run / "last.pt", device="cpu").num_classes == 3
+
+
+def test_reader_options_reach_the_dataset(tiny_dataset: Path, tmp_path: Path) -> None:
+    over = tiny_recipe(tiny_dataset, tmp_path / "r") + ["data.options={mask_dir: SegObj}"]
+    with pytest.raises(ConfigError, match="dataset 'folder' takes no options"):
+        train(load_config("unet_demo", over))

@@ -63,6 +63,8 @@ class DataCfg:
     num_workers: int = 0
     # Options of the built-in demo data (dataset: demo).
     demo: dict[str, Any] = field(default_factory=dict)
+    # Reader options passed to the dataset (e.g. coco's target/category_map, voc's mask_dir).
+    options: dict[str, Any] = field(default_factory=dict)
 
     def transform_kwargs(self) -> dict[str, Any]:
         """The training augmentation options as ``build_transforms`` keyword arguments
@@ -86,6 +88,8 @@ class LossCfg:
     # None, "median_frequency" (SegNet) or an explicit list with one weight per class.
     class_weights: str | list[float] | None = None
     dice_weight: float = 1.0
+    # Weight of the auxiliary head's loss for models that return "aux" (torchvision's 0.5).
+    aux_weight: float = 0.5
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Training, evaluation and checkpoints."""
 
-from denseseg.engine.checkpoint import atomic_save, load_checkpoint, load_weights
+from denseseg.engine.checkpoint import atomic_save, load_checkpoint
 from denseseg.engine.evaluate import evaluate
 from denseseg.engine.trainer import train
 
-__all__ = ["atomic_save", "evaluate", "load_checkpoint", "load_weights", "train"]
+__all__ = ["atomic_save", "evaluate", "load_checkpoint", "train"]

@@ -101,25 +101,3 @@ def unwrap_state_dict(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj
     raise CheckpointError("the file holds neither a denseseg checkpoint nor a state_dict")
-
-
-def load_weights(model: torch.nn.Module, path: str | Path, strict: bool = True) -> list[str]:
-    """Load weights from a checkpoint or state_dict file into ``model``.
-
-    With ``strict=False`` keys whose shapes differ (e.g. a classifier trained for another class
-    count) are skipped and returned so the caller can report them.
-
-    Returns:
-        The names of the skipped keys (empty when everything loaded).
-    """
-    state = unwrap_state_dict(load_checkpoint(path))
-    own = model.state_dict()
-    skipped = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
-    missing = [k for k in own if k not in state]
-    if strict and (skipped or missing):
-        raise CheckpointError(
-            f"weights in {path} do not fit the model: {len(skipped)} unexpected or mis-shaped "
-            f"keys (e.g. {skipped[:2]}), {len(missing)} missing (e.g. {missing[:2]})"
-        )
-    model.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
-    return skipped + missing

@@ -29,7 +29,6 @@ from denseseg.engine.checkpoint import (
     FORMAT_VERSION,
     atomic_save,
     load_checkpoint,
-    load_weights,
     rng_state,
     set_rng_state,
 )
@@ -40,6 +39,7 @@ from denseseg.errors import CheckpointError, ConfigError, DataError, DensesegErr
 from denseseg.inference.segmenter import Segmenter, resolve_device
 from denseseg.losses import build_loss
 from denseseg.models import create_model
+from denseseg.models.weights import load_model_weights
 
 log = logging.getLogger("denseseg")
 
@@ -58,7 +58,8 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def _dataset_options(cfg: Config) -> dict[str, Any]:
-    return dict(cfg.data.demo) if cfg.data.dataset == "demo" else {}
+    demo = dict(cfg.data.demo) if cfg.data.dataset == "demo" else {}
+    return {**demo, **cfg.data.options}
 
 
 def build_model_for(cfg: Config, num_classes: int, in_channels: int) -> tuple[nn.Module, dict]:
@@ -76,7 +77,11 @@ def build_model_for(cfg: Config, num_classes: int, in_channels: int) -> tuple[nn
             f"model.kwargs.num_classes={kwargs['num_classes']} but the dataset has {num_classes} "
             "classes; drop the option to use the dataset's"
         )
-    return create_model(cfg.model.name, **kwargs), kwargs
+    model = create_model(cfg.model.name, **kwargs)
+    # Weight sources initialise training only: the checkpoint carries the trained weights, and
+    # rebuilding the model from it must not fetch (or need) the initial files again.
+    saved = {k: v for k, v in kwargs.items() if k not in ("weights", "backbone_weights")}
+    return model, saved
 
 
 def _class_weights(cfg: Config, dataset: Any, num_classes: int) -> torch.Tensor | None:
@@ -166,11 +171,7 @@ def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, Any]:
     num_classes, in_channels = train_raw.num_classes, train_raw.in_channels
     model, model_kwargs = build_model_for(cfg, num_classes, in_channels)
     if cfg.model.weights:
-        skipped = load_weights(model, cfg.model.weights, strict=False)
-        if skipped:
-            log.info(
-                "weights %s: %d keys skipped (%s ...)", cfg.model.weights, len(skipped), skipped[:3]
-            )
+        load_model_weights(model, cfg.model.weights)  # logs what it skipped
     if cfg.optim.freeze_backbone:
         _freeze_backbone(model)
     model.to(device)
@@ -334,7 +335,16 @@ def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, Any]:
             )
             for images, targets in loader:
                 loss = _train_step(
-                    model, criterion, optimizer, scaler, images, targets, device, amp, oc.grad_clip
+                    model,
+                    criterion,
+                    optimizer,
+                    scaler,
+                    images,
+                    targets,
+                    device,
+                    amp,
+                    oc.grad_clip,
+                    cfg.loss.aux_weight,
                 )
                 scheduler.step()
                 state["step"] += 1
@@ -391,14 +401,19 @@ def _train_step(
     device: torch.device,
     amp: bool,
     grad_clip: float | None,
+    aux_weight: float = 0.0,
 ) -> float:
     images = images.to(device, non_blocking=True)
     targets = targets.to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-        logits = model(images)["out"]
+        out = model(images)
+        logits = out["out"]
         if logits.shape[-2:] != targets.shape[-2:]:
             targets = _center_crop(targets, logits.shape[-2:])
         loss = criterion(logits.float(), targets)
+        if "aux" in out and aux_weight:
+            # torchvision's reference training: loss + 0.5 * the auxiliary head's loss.
+            loss = loss + aux_weight * criterion(out["aux"].float(), targets)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if grad_clip:
