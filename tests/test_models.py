@@ -21,6 +21,16 @@ from denseseg.models import (
 
 ODD_SIZE = (97, 131)
 VALID_MIN_SIZE = (188, 204)
+# Instance models (Mask R-CNN) follow torchvision's detection convention instead (a loss dict in
+# training, per-image dicts in eval mode): tests/test_maskrcnn.py runs their suite.
+SUITE = [
+    name
+    if get_model_entry(name).task == "semantic"
+    else pytest.param(
+        name, marks=pytest.mark.skip(reason="instance model: suite in tests/test_maskrcnn.py")
+    )
+    for name in list_models()
+]
 
 
 def _build(name: str, num_classes: int = 3, in_channels: int = 3, seed: int = 0) -> nn.Module:
@@ -41,7 +51,7 @@ def _sizes(model: nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
 # ---------------------------------------------------------------- every registered model
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", SUITE)
 def test_forward_backward(name: str) -> None:
     model = _build(name).train()
     assert model.num_classes == 3 and model.in_channels == 3
@@ -56,7 +66,48 @@ def test_forward_backward(name: str) -> None:
             assert torch.isfinite(p.grad).all(), pname
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", SUITE)
+def test_exportable_models_trace_to_the_same_output(name: str) -> None:
+    # The flag promises a static graph: the frozen TorchScript trace (the Segmenter's fast path,
+    # and what exporters start from) must give the eager model's logits.
+    from denseseg.inference.fast import FrozenTraces
+
+    if not get_model_entry(name).exportable:
+        pytest.skip(f"{name} is not flagged exportable")
+    model = _build(name).eval()
+    (h, w), _ = _sizes(model)
+    x = torch.randn(1, 3, h, w)
+    with torch.no_grad():
+        eager = model(x)["out"]
+    traced = FrozenTraces(model)(x)
+    assert torch.allclose(eager, traced, atol=1e-4 * max(1.0, eager.abs().max().item()))
+
+
+@pytest.mark.parametrize("name", SUITE)
+def test_feature_info_matches_the_backbone_outputs(name: str) -> None:
+    model = _build(name).eval()
+    backbone = getattr(model, "backbone", None)
+    if backbone is None or not hasattr(backbone, "feature_info"):
+        pytest.skip(f"{name} has no registered backbone")
+    h, w = ODD_SIZE
+    with torch.no_grad():
+        feats = backbone(torch.randn(1, 3, h, w))
+    infos = backbone.feature_info
+    assert len(feats) == len(infos)
+    assert [f.shape[1] for f in feats] == [i.channels for i in infos]
+    # Strides: each level is its reduction ratio below the previous one (rounded up, as strided
+    # convolutions and ceil-mode pooling do); the first is at least the input over its
+    # reduction (FCN's trunk pads its input by 100 pixels).
+    first = feats[0].shape[-2:]
+    assert first[0] >= math.ceil(h / infos[0].reduction) and first[1] >= math.ceil(
+        w / infos[0].reduction
+    )
+    for prev, cur, ip, ic in zip(feats, feats[1:], infos, infos[1:]):
+        step = ic.reduction // ip.reduction
+        assert cur.shape[-2:] == tuple(math.ceil(s / step) for s in prev.shape[-2:])
+
+
+@pytest.mark.parametrize("name", SUITE)
 def test_state_dict_round_trip_and_eval_determinism(name: str) -> None:
     a = _build(name, seed=0).eval()
     b = _build(name, seed=1).eval()
@@ -70,7 +121,7 @@ def test_state_dict_round_trip_and_eval_determinism(name: str) -> None:
         assert torch.equal(ya, b(x)["out"])
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", SUITE)
 def test_binary_mode_has_one_channel(name: str) -> None:
     model = _build(name, num_classes=1, in_channels=1).eval()
     assert model.num_classes == 1 and model.in_channels == 1

@@ -186,3 +186,31 @@ def test_interrupted_run_resumes_exactly(tiny_dataset: Path, tmp_path: Path, mon
     opt_b = load_checkpoint(tmp_path / "b" / "last.pt")["optimizer"]["state"]
     assert all(torch.equal(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"]) for i in opt_a)
     torch.use_deterministic_algorithms(False)
+
+
+def test_sigterm_saves_last_and_restores_the_handler(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """`kill` (SIGTERM) stops training like Ctrl-C: last.pt is saved for --resume. Background
+    jobs ignore SIGINT, so this is how a user stops a nohup'ed run without losing it."""
+    import os
+    import signal
+
+    import denseseg.engine.trainer as trainer
+    from denseseg.errors import DensesegError
+
+    real_step, calls = trainer._train_step, []
+
+    def terminate_at_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args, **kwargs)
+
+    before = signal.getsignal(signal.SIGTERM)
+    over = tiny_recipe(tiny_dataset, tmp_path / "r") + ["train.max_steps=50", "train.eval_every=0"]
+    monkeypatch.setattr(trainer, "_train_step", terminate_at_third)
+    with pytest.raises(DensesegError, match="interrupted at step .*--resume"):
+        train(load_config("unet_demo", over))
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert load_checkpoint(tmp_path / "r" / "last.pt")["step"] in (2, 3)

@@ -1,4 +1,4 @@
-"""``load_model``: a ready :class:`Segmenter` from a checkpoint."""
+"""``load_model``: a ready :class:`Segmenter` from a checkpoint or a built-in model name."""
 
 from __future__ import annotations
 
@@ -15,19 +15,34 @@ from denseseg.models import create_model
 def load_model(
     path: str | Path, device: str | torch.device = "auto", **segmenter_kwargs
 ) -> Segmenter:
-    """Build the model stored in a denseseg checkpoint and wrap it in a :class:`Segmenter`.
+    """A :class:`Segmenter` for a denseseg checkpoint or a built-in model.
 
     The checkpoint carries everything inference needs: model name and kwargs, class names,
-    palette, normalisation and input channels.
+    palette, normalisation and input channels. When ``path`` is not an existing file but the
+    name of a built-in model (:func:`denseseg.pretrained.list_builtin`, e.g. ``"camvid"``), the
+    packaged weights are loaded instead (safetensors, cast to float32), with the inference mode
+    they were packed with.
 
     Args:
-        path: a checkpoint written by ``denseseg train`` (``last.pt``, ``best.pt``).
+        path: a checkpoint written by ``denseseg train`` (``last.pt``, ``best.pt``) or a
+            built-in model name.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
-        **segmenter_kwargs: passed on to :class:`Segmenter` (e.g. ``threshold``).
+        **segmenter_kwargs: passed on to :class:`Segmenter` (e.g. ``threshold``, ``mode``).
 
     Returns:
-        A Segmenter in eval mode.
+        A Segmenter in eval mode; for an instance model (Mask R-CNN) an
+        :class:`~denseseg.inference.instance.InstanceSegmenter`.
+
+    Raises:
+        CheckpointError: ``path`` is neither a readable checkpoint nor a built-in name.
     """
+    if not Path(path).exists():
+        from denseseg.pretrained import builtin_files, load_builtin, unknown_model_message
+
+        # An existing path always wins, so a local file named like a built-in stays loadable.
+        if builtin_files(str(path)) is not None:
+            return load_builtin(str(path), device=device, **segmenter_kwargs)
+        raise CheckpointError(unknown_model_message(str(path)))
     ckpt = load_checkpoint(path)
     missing = [k for k in ("model_name", "model_kwargs", "mean", "std") if k not in ckpt]
     if missing:
@@ -37,6 +52,23 @@ def load_model(
         )
     model = create_model(ckpt["model_name"], **ckpt["model_kwargs"])
     model.load_state_dict(unwrap_state_dict(ckpt))
+    if getattr(model, "task", "semantic") == "instance":
+        from denseseg.inference.instance import InstanceSegmenter
+
+        return InstanceSegmenter(
+            model,
+            class_names=ckpt.get("class_names"),
+            palette=ckpt.get("palette"),
+            device=resolve_device(device),
+            meta={
+                "model_name": ckpt["model_name"],
+                "model_kwargs": ckpt["model_kwargs"],
+                "checkpoint": str(path),
+                "step": ckpt.get("step"),
+                **{k: ckpt.get(k) for k in ("category_ids", "dataset", "data_options")},
+            },
+            **segmenter_kwargs,
+        )
     return Segmenter(
         model,
         mean=ckpt["mean"],

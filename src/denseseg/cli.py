@@ -46,7 +46,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     resume: bool | str = False if args.resume is None else (args.resume or True)
     result = train(cfg, resume=resume)
     m = result["metrics"]
-    summary = f"; val mIoU {100 * m['mIoU']:.2f}%" if m else ""
+    if m and "segm_AP" in m:  # instance models
+        summary = f"; val mask AP {100 * m['segm_AP']:.2f}%"
+    else:
+        summary = f"; val mIoU {100 * m['mIoU']:.2f}%" if m else ""
     print(f"trained {result['step']} steps{summary}; checkpoints in {result['out_dir']}")
     return 0
 
@@ -61,7 +64,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from denseseg.viz import plot_confusion_matrix, plot_per_class_iou
 
     seg = load_model(args.model, device=args.device)
-    ds = get_dataset(args.dataset, args.root, args.split)
+    if getattr(seg, "task", "semantic") == "instance":
+        from denseseg.engine.instance import run_instance_eval
+
+        path = run_instance_eval(
+            seg,
+            args.dataset,
+            args.root,
+            args.split,
+            args.out,
+            json_path=args.json,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+        )
+        print(f"wrote {path}")
+        return 0
+    ds = get_dataset(args.dataset, args.root, args.split, **_reader_options(args.option))
     if ds.num_classes != seg.num_classes:
         raise DataError(
             f"dataset {args.root} has {ds.num_classes} classes, model {args.model} predicts "
@@ -114,10 +132,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from denseseg.data.io import read_image, write_image, write_mask
     from denseseg.data.palette import overlay
 
-    seg = load_model(args.model, device=args.device, threshold=args.threshold)
+    fast = {"fast": True} if args.fast else {}
+    seg = load_model(args.model, device=args.device, threshold=args.threshold, **fast)
     files = _list_inputs(Path(args.input))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if getattr(seg, "task", "semantic") == "instance":
+        from denseseg.engine.instance import predict_instances
+
+        path = predict_instances(seg, files, out, batch_size=args.batch_size, alpha=args.alpha)
+        print(f"wrote {len(files)} instance pictures and {path.name} to {out}")
+        return 0
     bar = tqdm(total=len(files), desc="predict", unit="img", dynamic_ncols=True)
     for i in range(0, len(files), args.batch_size):
         chunk = files[i : i + args.batch_size]
@@ -142,6 +167,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from denseseg.demo import run_demo
 
     run_demo(args.out, quick=args.quick)
+    return 0
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from denseseg.pretrained import pack
+
+    extra: dict = {"segmenter": {"mode": args.mode, "tile_size": args.tile_size}}
+    if args.note:
+        extra["provenance"] = {"note": args.note}
+    files = pack(args.checkpoint, args.name, out_dir=args.out, fp16=not args.fp32, extra_meta=extra)
+    size = files["weights"].stat().st_size / 2**20
+    print(f"wrote {files['weights']} ({size:.1f} MiB) and {files['json']}")
     return 0
 
 
@@ -207,6 +244,17 @@ def cmd_browse(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reader_options(items: list[str] | None) -> dict:
+    """``--option`` values ``["val_slices=[4, 9]"]`` -> ``{"val_slices": [4, 9]}`` (YAML values)."""
+    from denseseg.config import parse_override
+
+    options = {}
+    for item in items or []:
+        parts, value = parse_override(f"data.{item}")  # the recipe's data.options syntax
+        options[".".join(parts[1:])] = value
+    return options
+
+
 def _add_data_source(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="recipe YAML file or built-in recipe name")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=...")
@@ -234,10 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on a dataset split")
-    e.add_argument("--model", required=True, help="checkpoint (.pt) written by denseseg train")
+    e.add_argument(
+        "--model", required=True, help="checkpoint (.pt) or built-in model name (e.g. camvid)"
+    )
     e.add_argument("--dataset", default="folder", help="dataset format (folder, demo)")
     e.add_argument("--root", default=None, help="dataset folder")
     e.add_argument("--split", default="val")
+    e.add_argument(
+        "--option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="reader option (repeatable), as a recipe's data.options, e.g. val_slices=[4,9]",
+    )
     e.add_argument("--out", default="runs/eval", help="folder for metrics and pictures")
     e.add_argument("--json", default=None, help="also write the metrics JSON to this file")
     e.add_argument("--batch-size", type=int, default=4)
@@ -253,7 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("predict", help="segment an image or a folder of images")
     r.add_argument("input", help="image file or folder")
-    r.add_argument("--model", required=True, help="checkpoint (.pt) written by denseseg train")
+    r.add_argument(
+        "--model",
+        default="camvid",
+        help="checkpoint (.pt) or built-in model name (default: camvid, the built-in street model)",
+    )
+    r.add_argument(
+        "--fast", action="store_true", help="frozen TorchScript traces: the fastest CPU path"
+    )
     r.add_argument("--out", default="runs/predict", help="output folder")
     r.add_argument("--probs", action="store_true", help="also save class probabilities (.npy)")
     r.add_argument("--batch-size", type=int, default=4)
@@ -289,6 +352,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="seed of the sample choice and augmentation")
     b.add_argument("--out", default="runs/browse/grid.png", help="PNG file to write")
     b.set_defaults(func=cmd_browse)
+
+    k = sub.add_parser("pack", help="package a checkpoint as a built-in model (developers)")
+    k.add_argument("checkpoint", help="checkpoint (.pt) written by denseseg train")
+    k.add_argument("name", help="built-in name, e.g. camvid")
+    k.add_argument(
+        "--out",
+        default=None,
+        help="folder to write to (default: $DENSESEG_PRETRAINED_DIR, else the package)",
+    )
+    k.add_argument("--fp32", action="store_true", help="keep float32 weights (default float16)")
+    k.add_argument("--mode", default="whole", choices=["whole", "overlap_tile"])
+    k.add_argument("--tile-size", type=int, default=None, help="tile side for overlap_tile")
+    k.add_argument("--note", default=None, help="free text kept in the provenance")
+    k.set_defaults(func=cmd_pack)
 
     m = sub.add_parser("models", help="list registered models")
     m.set_defaults(func=cmd_models)

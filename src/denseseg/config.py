@@ -90,6 +90,9 @@ class LossCfg:
     dice_weight: float = 1.0
     # Weight of the auxiliary head's loss for models that return "aux" (torchvision's 0.5).
     aux_weight: float = 0.5
+    # U-Net's border weight map (loss "ce" only): null, "unet" (w0 = 10, sigma = 5 px) or a
+    # mapping {name: unet, w0: ..., sigma: ...}; class_weights then give its w_c.
+    weight_map: str | dict[str, Any] | None = None
 
 
 @dataclass

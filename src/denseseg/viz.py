@@ -164,3 +164,69 @@ def grid_shape(n: int) -> tuple[int, int]:
     """Rows and columns of a near-square grid for ``n`` pictures."""
     cols = math.ceil(math.sqrt(n))
     return math.ceil(n / cols), cols
+
+
+def instance_colors(n: int, seed: int = 0) -> list[tuple[int, int, int]]:
+    """``n`` distinct, saturated colours (hues spaced by the golden ratio)."""
+    import colorsys
+
+    out = []
+    for i in range(n):
+        hue = (seed * 0.131 + i * 0.618033988749895) % 1.0
+        r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 0.95)
+        out.append((round(255 * r), round(255 * g), round(255 * b)))
+    return out
+
+
+def draw_instances(
+    image: np.ndarray | object,
+    boxes: object,
+    labels: object,
+    masks: object,
+    *,
+    scores: object | None = None,
+    class_names: Sequence[str] | None = None,
+    alpha: float = 0.5,
+) -> np.ndarray:
+    """Draw instances over an image: each mask in a colour of its own, its box, class and score.
+
+    Args:
+        image: ``uint8`` tensor ``(C, H, W)`` or array ``(H, W, 3)`` / ``(H, W)``.
+        boxes: ``(N, 4)`` XYXY pixels.
+        labels: ``(N,)`` class indices (names from ``class_names``).
+        masks: ``(N, H, W)`` binary masks.
+        scores: ``(N,)`` scores shown next to the names, or None.
+        class_names: names by class index; default ``class_<i>``.
+        alpha: mask opacity.
+
+    Returns:
+        ``uint8 (H, W, 3)``.
+    """
+    from PIL import Image, ImageDraw
+
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = arr.transpose(1, 2, 0)  # (C, H, W) tensor -> (H, W, C)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    rgb = np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr[..., :3]
+    out = rgb.astype(np.float32)
+    m = np.asarray(masks).astype(bool)
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    lab = np.asarray(labels).reshape(-1).astype(int)
+    colors = instance_colors(len(lab))
+    for mask, color in zip(m, colors):
+        out[mask] = (1 - alpha) * out[mask] + alpha * np.array(color, dtype=np.float32)
+    picture = Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(picture)
+    sc = None if scores is None else np.asarray(scores).reshape(-1)
+    for i, (box, label, color) in enumerate(zip(b, lab, colors)):
+        draw.rectangle([float(v) for v in box], outline=color, width=2)
+        known = class_names is not None and 0 <= label < len(class_names)
+        name = class_names[label] if known else f"class_{label}"
+        text = f"{name} {sc[i]:.2f}" if sc is not None else name
+        x, y = float(box[0]), max(0.0, float(box[1]) - 11)
+        left, top, right, bottom = draw.textbbox((x, y), text)
+        draw.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=color)
+        draw.text((x, y), text, fill=(0, 0, 0))
+    return np.asarray(picture)

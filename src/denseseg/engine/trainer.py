@@ -12,7 +12,10 @@ import csv
 import logging
 import os
 import random
+import signal
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +36,20 @@ from denseseg.engine.checkpoint import (
     set_rng_state,
 )
 from denseseg.engine.evaluate import evaluate
+from denseseg.engine.instance import (
+    BEST_METRIC,
+    check_instance_data,
+    evaluate_instances,
+    instance_collate,
+    instance_meta,
+    instance_train_step,
+    is_instance_model,
+    log_instance_metrics,
+)
 from denseseg.engine.optim import build_optimizer, lr_factor
 from denseseg.engine.sampler import EpochSampler, SeededTransformDataset
 from denseseg.errors import CheckpointError, ConfigError, DataError, DensesegError
+from denseseg.inference.instance import InstanceSegmenter
 from denseseg.inference.segmenter import Segmenter, resolve_device
 from denseseg.losses import build_loss
 from denseseg.models import create_model
@@ -44,6 +58,7 @@ from denseseg.models.weights import load_model_weights
 log = logging.getLogger("denseseg")
 
 CSV_FIELDS = ["step", "epoch", "lr", "loss", "val_mIoU", "val_mAcc", "val_aAcc", "elapsed_s"]
+CSV_FIELDS += ["val_bbox_AP", "val_segm_AP"]  # instance models
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -99,6 +114,33 @@ def _class_weights(cfg: Config, dataset: Any, num_classes: int) -> torch.Tensor 
     raise ConfigError(f"loss.class_weights={cw!r}: use null, median_frequency or a list of numbers")
 
 
+def _use_weight_map(
+    cfg: Config, dataset: Any, tfm: Any, class_weights: torch.Tensor | None, model_kwargs: dict
+) -> tuple[SeededTransformDataset, nn.Module]:
+    """U-Net's border weight map: each augmented sample carries its map (w_c included, from
+    ``class_weights`` when given), and the loss becomes the pixel-weighted cross-entropy."""
+    from denseseg.losses.weight_map import (
+        PixelWeightedCrossEntropy,
+        WithWeightMap,
+        parse_weight_map,
+    )
+
+    opts = parse_weight_map(cfg.loss.weight_map)
+    if cfg.loss.name != "ce" or model_kwargs["num_classes"] < 2:
+        raise ConfigError(
+            f"loss.weight_map needs loss.name: ce and a model with >= 2 classes (got "
+            f"{cfg.loss.name!r}, {model_kwargs['num_classes']} classes)"
+        )
+    wrapped = WithWeightMap(
+        tfm,
+        **opts,
+        class_weights=class_weights,
+        ignore_index=dataset.ignore_index,
+        num_classes=model_kwargs["num_classes"],
+    )
+    return SeededTransformDataset(dataset, wrapped), PixelWeightedCrossEntropy(dataset.ignore_index)
+
+
 def _freeze_backbone(model: nn.Module) -> None:
     backbone = getattr(model, "backbone", None) or getattr(model, "encoder", None)
     if backbone is None:
@@ -148,7 +190,8 @@ def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, Any]:
             True to continue from ``<out_dir>/last.pt``, or the path of a checkpoint.
 
     Returns:
-        ``{"out_dir", "step", "best_mIoU", "metrics" (last evaluation), "checkpoint"}``.
+        ``{"out_dir", "step", "best_mIoU", "metrics" (last evaluation), "checkpoint"}``;
+        instance models give ``best_segm_AP`` (COCO mask AP) instead of ``best_mIoU``.
     """
     tc, dc = cfg.train, cfg.data
     out = Path(tc.out_dir)
@@ -175,9 +218,14 @@ def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, Any]:
     if cfg.optim.freeze_backbone:
         _freeze_backbone(model)
     model.to(device)
+    instance = is_instance_model(model)
+    if instance:
+        check_instance_data(train_raw, dc)
 
     mean, std = default_mean_std(in_channels)
     mean, std = list(dc.mean or mean), list(dc.std or std)
+    if instance:  # the model normalises inside: it takes 0-1 images
+        mean, std = [0.0] * in_channels, [1.0] * in_channels
     tfm = build_transforms(
         True, mean=mean, std=std, ignore_index=train_raw.ignore_index, **dc.transform_kwargs()
     )
@@ -190,6 +238,8 @@ def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, Any]:
         class_weights=weights.to(device) if weights is not None else None,
         **({"dice_weight": cfg.loss.dice_weight} if "+dice" in cfg.loss.name else {}),
     )
+    if cfg.loss.weight_map:
+        train_ds, criterion = _use_weight_map(cfg, train_raw, tfm, weights, model_kwargs)
     oc, sc = cfg.optim, cfg.schedule
     optimizer = build_optimizer(
         model,
@@ -229,8 +279,10 @@ def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, Any]:
         "num_classes": num_classes,
         "ignore_index": train_raw.ignore_index,
         "class_weights": weights.tolist() if weights is not None else None,
+        **(instance_meta(train_raw, dc) if instance else {}),
     }
-    state = {"step": 0, "epoch": 0, "pos": 0, "best_mIoU": -1.0, "metrics": None}
+    best_key = f"best_{BEST_METRIC}" if instance else "best_mIoU"
+    state = {"step": 0, "epoch": 0, "pos": 0, best_key: -1.0, "metrics": None}
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path, map_location=device)
         if ckpt.get("model_name") != cfg.model.name:
@@ -243,19 +295,22 @@ def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, Any]:
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
-        state.update({k: ckpt[k] for k in ("step", "epoch", "pos", "best_mIoU", "metrics")})
+        state.update({k: ckpt[k] for k in state})
         log.info("resumed from %s at step %d", ckpt_path, state["step"])
     save_config(cfg, out / "config.yaml")
 
-    segmenter = Segmenter(
-        model,
-        mean=mean,
-        std=std,
-        class_names=train_raw.classes,
-        palette=train_raw.palette,
-        ignore_index=train_raw.ignore_index,
-        device=device,
-    )
+    if instance:
+        segmenter: Any = InstanceSegmenter(model, class_names=train_raw.classes, device=device)
+    else:
+        segmenter = Segmenter(
+            model,
+            mean=mean,
+            std=std,
+            class_names=train_raw.classes,
+            palette=train_raw.palette,
+            ignore_index=train_raw.ignore_index,
+            device=device,
+        )
     csv_log = _CsvLog(out / "log.csv", state["step"] if ckpt_path else None)
     writer = _open_tensorboard(out, tc.tensorboard)
 
@@ -278,6 +333,20 @@ def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, Any]:
 
     def run_eval() -> None:
         if val_raw is None:
+            return
+        if instance:
+            state["metrics"] = metrics = evaluate_instances(
+                segmenter,
+                val_raw,
+                batch_size=dc.eval_batch_size,
+                num_workers=dc.num_workers,
+                progress=tc.progress,
+            )
+            model.train()
+            score = log_instance_metrics(metrics, state["step"], state["epoch"], csv_log, writer)
+            if score == score and score > state[best_key]:
+                state[best_key] = score
+                save("best")
             return
         metrics = evaluate(
             segmenter,
@@ -321,6 +390,7 @@ def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, Any]:
         disable=not tc.progress,
         dynamic_ncols=True,
     )
+    restore_sigterm = _interrupt_on_sigterm()
     try:
         while state["step"] < tc.max_steps:
             sampler = EpochSampler(n, tc.seed, state["epoch"], state["pos"])
@@ -332,20 +402,27 @@ def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, Any]:
                 drop_last=True,
                 pin_memory=device.type == "cuda",
                 persistent_workers=False,
+                collate_fn=instance_collate if instance else None,
             )
-            for images, targets in loader:
-                loss = _train_step(
-                    model,
-                    criterion,
-                    optimizer,
-                    scaler,
-                    images,
-                    targets,
-                    device,
-                    amp,
-                    oc.grad_clip,
-                    cfg.loss.aux_weight,
-                )
+            for images, targets, *pixel_weights in loader:
+                if instance:
+                    loss = instance_train_step(
+                        model, optimizer, scaler, images, targets, device, amp, oc.grad_clip
+                    )
+                else:
+                    loss = _train_step(
+                        model,
+                        criterion,
+                        optimizer,
+                        scaler,
+                        images,
+                        targets,
+                        device,
+                        amp,
+                        oc.grad_clip,
+                        cfg.loss.aux_weight,
+                        pixel_weights[0] if pixel_weights else None,
+                    )
                 scheduler.step()
                 state["step"] += 1
                 state["pos"] += bs
@@ -379,16 +456,31 @@ def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, Any]:
             f"interrupted at step {state['step']}; saved {path}; continue with --resume"
         ) from None
     finally:
+        restore_sigterm()
         bar.close()
         if writer is not None:
             writer.close()
     return {
         "out_dir": str(out),
         "step": state["step"],
-        "best_mIoU": state["best_mIoU"],
+        best_key: state[best_key],
         "metrics": state["metrics"],
         "checkpoint": str(out / "last.pt"),
     }
+
+
+def _interrupt_on_sigterm() -> Callable[[], None]:
+    """Make SIGTERM (``kill``, a batch scheduler's stop) interrupt training like Ctrl-C, so that
+    ``last.pt`` is saved; background jobs started by a shell ignore SIGINT, so ``kill`` is the way
+    to stop them. Returns the function that restores the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _train_step(
@@ -402,18 +494,22 @@ def _train_step(
     amp: bool,
     grad_clip: float | None,
     aux_weight: float = 0.0,
+    pixel_weights: torch.Tensor | None = None,
 ) -> float:
     images = images.to(device, non_blocking=True)
     targets = targets.to(device, non_blocking=True)
+    # Per-pixel loss weights (U-Net's weight map) travel with the targets and are cropped alike.
+    extra = () if pixel_weights is None else (pixel_weights.to(device, non_blocking=True),)
     with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
         out = model(images)
         logits = out["out"]
         if logits.shape[-2:] != targets.shape[-2:]:
             targets = _center_crop(targets, logits.shape[-2:])
-        loss = criterion(logits.float(), targets)
+            extra = tuple(_center_crop(w, logits.shape[-2:]) for w in extra)
+        loss = criterion(logits.float(), targets, *extra)
         if "aux" in out and aux_weight:
             # torchvision's reference training: loss + 0.5 * the auxiliary head's loss.
-            loss = loss + aux_weight * criterion(out["aux"].float(), targets)
+            loss = loss + aux_weight * criterion(out["aux"].float(), targets, *extra)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if grad_clip:

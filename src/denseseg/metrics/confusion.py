@@ -343,7 +343,7 @@ class SegmentationMetrics:
 
         metrics = SegmentationMetrics(num_classes=19, ignore_index=255)
         for images, targets in loader:
-            metrics.update(model(images)["out"].argmax(1), targets)
+            metrics.update(model(images)["out"].max(1).indices, targets)
         metrics.all_reduce()          # sums over processes; a no-op without torch.distributed
         results = metrics.compute()   # {"mIoU": 0.71, "IoU": [...], ...}
 

@@ -24,15 +24,28 @@ class ModelEntry:
     builder: Callable[..., nn.Module]
     test_cfg: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    # "semantic" (forward returns {"out": logits}) or "instance" (torchvision's detection
+    # convention: loss dict in training, a list of per-image dicts in eval mode).
+    task: str = "semantic"
+    # Traceable to a static graph (TorchScript trace, ONNX): the fast inference path and the
+    # exporters take only models flagged so, and the test suite checks the flag.
+    exportable: bool = True
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
 def register_model(
-    name: str | None = None, *, test_cfg: dict[str, Any] | None = None, description: str = ""
+    name: str | None = None,
+    *,
+    test_cfg: dict[str, Any] | None = None,
+    description: str = "",
+    task: str = "semantic",
+    exportable: bool | None = None,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator registering a builder under ``name`` (default: the function's name)."""
+    """Decorator registering a builder under ``name`` (default: the function's name); ``task``
+    is ``"semantic"`` or ``"instance"``; ``exportable`` defaults to True for semantic models
+    (instance models return per-image lists of varying length)."""
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         key = name or fn.__name__
@@ -40,7 +53,8 @@ def register_model(
             raise ValueError(f"model {key!r} is registered twice")
         doc = description or (fn.__doc__ or "").strip().splitlines()[0:1]
         desc = doc if isinstance(doc, str) else (doc[0] if doc else "")
-        _REGISTRY[key] = ModelEntry(key, fn, dict(test_cfg or {}), desc)
+        export = task == "semantic" if exportable is None else exportable
+        _REGISTRY[key] = ModelEntry(key, fn, dict(test_cfg or {}), desc, task, export)
         return fn
 
     return wrap

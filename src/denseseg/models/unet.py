@@ -20,6 +20,7 @@ prediction (done by the Segmenter), trained with the ``"bce"`` / ``"bce+dice"`` 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -267,9 +268,49 @@ def unet(
     padding: str = "same",
     batch_norm: bool = False,
     dropout: float = 0.0,
-) -> UNet:
-    """U-Net; ``padding="same"`` by default so any image size works."""
+    backbone: str | None = None,
+    backbone_kwargs: dict[str, Any] | None = None,
+    decoder_channels: Sequence[int] | None = None,
+) -> nn.Module:
+    """U-Net; ``padding="same"`` by default so any image size works.
+
+    With ``backbone`` (a registered backbone, e.g. ``"resnet34"``) the contracting path is that
+    network (:class:`~denseseg.models.unet_backbone.BackboneUNet`; ``base_channels``, ``depth``,
+    ``padding`` and ``dropout`` then do not apply, ``decoder_channels`` sets the expanding path).
+    """
+    if backbone is not None:
+        from denseseg.models.unet_backbone import backbone_unet
+
+        own = {"base_channels": 64, "depth": 4, "padding": "same", "batch_norm": False}
+        given = {"base_channels": base_channels, "depth": depth, "padding": padding}
+        clash = [k for k, v in given.items() if v != own[k]] + (["dropout"] if dropout else [])
+        if clash:
+            raise ConfigError(
+                f"unet with backbone={backbone!r} has no option {clash[0]!r} (the backbone sets "
+                "the contracting path); use decoder_channels for the expanding path"
+            )
+        return backbone_unet(num_classes, in_channels, backbone, backbone_kwargs, decoder_channels)
+    if backbone_kwargs or decoder_channels:
+        raise ConfigError("unet options backbone_kwargs/decoder_channels need backbone=...")
     return UNet(num_classes, in_channels, base_channels, depth, padding, batch_norm, dropout)
+
+
+def _unet_shorthand(name: str, backbone: str) -> None:
+    def build(num_classes: int, **kwargs: Any) -> nn.Module:
+        if "backbone" in kwargs:
+            raise ConfigError(f"{name} has its backbone ({backbone}); use unet for another one")
+        return unet(num_classes, backbone=backbone, **kwargs)
+
+    build.__doc__ = f"U-Net on {backbone} (see :func:`unet` with ``backbone={backbone!r}``)."
+    register_model(
+        name,
+        test_cfg={"backbone_kwargs": {"width": 0.25}},
+        description=f"U-Net expanding path on a {backbone} contracting path",
+    )(build)
+
+
+for _depth in (18, 34, 50):
+    _unet_shorthand(f"unet_resnet{_depth}", f"resnet{_depth}")
 
 
 @register_model(

@@ -1,0 +1,334 @@
+"""The instance-model parts of training, evaluation and prediction (Mask R-CNN).
+
+The trainer and the CLI dispatch here where an instance model differs from a semantic one:
+batches are lists (images of any sizes; the model resizes and pads them itself), the step sums
+the model's loss dict, evaluation is COCO box and mask AP (:mod:`denseseg.metrics.coco`), and
+prediction draws instances and writes COCO results. Checkpointing, resume, schedules and logging
+stay the trainer's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from denseseg.config import DataCfg
+from denseseg.errors import ConfigError, DensesegError
+from denseseg.inference.instance import InstanceSegmenter
+from denseseg.metrics.coco import CocoInstanceMetrics, encode_masks, format_coco_table
+
+log = logging.getLogger("denseseg")
+
+__all__ = [
+    "BEST_METRIC",
+    "check_instance_data",
+    "evaluate_instances",
+    "instance_collate",
+    "instance_meta",
+    "instance_train_step",
+    "is_instance_model",
+    "log_instance_metrics",
+    "predict_instances",
+    "run_instance_eval",
+]
+
+BEST_METRIC = "segm_AP"
+"""The validation number that picks ``best.pt`` for instance models (COCO mask AP)."""
+
+
+def is_instance_model(model: Any) -> bool:
+    """Whether ``model`` (or a predictor) is an instance model (``task == "instance"``)."""
+    return getattr(model, "task", "semantic") == "instance"
+
+
+def check_instance_data(dataset: Any, dc: DataCfg) -> None:
+    """Refuse recipe settings an instance model cannot use, naming the option to change.
+
+    Raises:
+        ConfigError: the dataset gives semantic targets, or the recipe sets normalisation or an
+            evaluation resize (the model does both inside).
+    """
+    if getattr(dataset, "target", None) != "instance":
+        raise ConfigError(
+            f"the model is an instance model but dataset {dc.dataset!r} gives semantic targets; "
+            "set data.options.target=instance (COCO-format data)"
+        )
+    if dc.mean is not None or dc.std is not None:
+        raise ConfigError(
+            "data.mean/data.std do not apply to instance models, which normalise inside; set "
+            "model.kwargs.image_mean/image_std instead"
+        )
+    if dc.eval_resize is not None:
+        raise ConfigError(
+            "data.eval_resize does not apply to instance models, which resize inside; set "
+            "model.kwargs.min_size/max_size instead"
+        )
+
+
+def instance_meta(dataset: Any, dc: DataCfg) -> dict[str, Any]:
+    """Checkpoint entries an instance predictor needs besides the trainer's own.
+
+    Returns:
+        ``category_ids`` (the dataset's category id of each class, for COCO results files) and
+        the reader's ``data_options`` (so ``denseseg eval`` reads the same classes).
+    """
+    to_class = getattr(dataset, "category_to_class", None) or {}
+    ids = list(range(dataset.num_classes))
+    for cat, cls in sorted(to_class.items(), reverse=True):  # the lowest id wins a merged class
+        if 0 < cls < len(ids):
+            ids[cls] = int(cat)
+    return {"category_ids": ids, "dataset": dc.dataset, "data_options": dict(dc.options)}
+
+
+def instance_collate(batch: Sequence[tuple[Tensor, dict]]) -> tuple[list[Tensor], list[dict]]:
+    """Lists of images and targets: instance models take images of different sizes."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+def _training_target(target: dict[str, Any], device: torch.device) -> dict[str, Tensor]:
+    # Crowd regions are left out of training, as torchvision's detection references do.
+    keep = torch.as_tensor(target.get("iscrowd", torch.zeros(len(target["labels"])))) == 0
+    return {
+        "boxes": torch.as_tensor(target["boxes"])[keep].float().to(device),
+        "labels": torch.as_tensor(target["labels"])[keep].long().to(device),
+        "masks": torch.as_tensor(target["masks"])[keep].to(device, torch.uint8),
+    }
+
+
+def instance_train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    images: list[Tensor],
+    targets: list[dict[str, Any]],
+    device: torch.device,
+    amp: bool,
+    grad_clip: float | None,
+) -> float:
+    """One optimiser step on the sum of the model's losses (RPN, box and mask).
+
+    Args:
+        images: float 0-1 images ``(3, H_i, W_i)``.
+        targets: per image ``boxes (N_i, 4)`` XYXY, ``labels (N_i,)``, ``masks (N_i, H_i, W_i)``
+            and optionally ``iscrowd (N_i,)``.
+
+    Returns:
+        The total loss.
+    """
+    xs = [x.to(device, non_blocking=True) for x in images]
+    ts = [_training_target(t, device) for t in targets]
+    with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        losses = model(xs, ts)
+        loss = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    value = float(loss.detach())
+    if value != value:
+        raise DensesegError(
+            "the loss became NaN; lower optim.lr, lengthen schedule.warmup_steps or set "
+            "optim.grad_clip (last.pt is kept)"
+        )
+    return value
+
+
+def evaluate_instances(
+    segmenter: InstanceSegmenter,
+    dataset: Dataset,
+    *,
+    batch_size: int = 2,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict[str, float]:
+    """COCO box and mask AP of ``segmenter`` on ``dataset`` (raw uint8 items, instance targets).
+
+    Returns:
+        See :meth:`CocoInstanceMetrics.compute` (``segm_AP``, ``bbox_AP50``, ...).
+    """
+    from denseseg.engine.evaluate import eval_batches
+
+    metrics = CocoInstanceMetrics(segmenter.class_names, segmenter.max_detections)
+    total = (len(dataset) + batch_size - 1) // batch_size  # type: ignore[arg-type]
+    batches = eval_batches(dataset, batch_size, num_workers)
+    for images, targets in tqdm(
+        batches, total=total, desc="eval", disable=not progress, leave=False, dynamic_ncols=True
+    ):
+        for target, pred in zip(targets, segmenter.predict_batch(images)):
+            metrics.update(target, pred)
+    return metrics.compute()
+
+
+def log_instance_metrics(
+    metrics: dict[str, float], step: int, epoch: int, csv_log: Any, writer: Any
+) -> float:
+    """Log a validation result of the trainer (log line, ``log.csv``, TensorBoard).
+
+    Returns:
+        The number that picks the best checkpoint (:data:`BEST_METRIC`).
+    """
+    log.info(
+        "step %d  val mask AP %.2f%%  AP50 %.2f%%  box AP %.2f%%",
+        step,
+        100 * metrics["segm_AP"],
+        100 * metrics["segm_AP50"],
+        100 * metrics["bbox_AP"],
+    )
+    csv_log.write(
+        step=step,
+        epoch=epoch,
+        val_bbox_AP=f"{metrics['bbox_AP']:.6f}",
+        val_segm_AP=f"{metrics['segm_AP']:.6f}",
+    )
+    if writer is not None:
+        for key, value in metrics.items():
+            if key != "num_images":
+                writer.add_scalar(f"val/{key}", value, step)
+    return metrics[BEST_METRIC]
+
+
+def run_instance_eval(
+    segmenter: InstanceSegmenter,
+    dataset: str,
+    root: str | None,
+    split: str,
+    out: str | Path,
+    *,
+    json_path: str | None = None,
+    batch_size: int = 2,
+    num_workers: int = 0,
+) -> Path:
+    """``denseseg eval`` for an instance checkpoint: COCO AP table, ``metrics.json`` in ``out``.
+
+    The reader gets ``target="instance"`` and, for the format the model was trained on, the
+    training recipe's category mapping, so the classes line up.
+    """
+    from denseseg.data.registry import get_dataset
+
+    if dataset != "coco":
+        raise ConfigError(
+            "instance models are evaluated on COCO-format data; pass --dataset coco, "
+            f"not {dataset!r}"
+        )
+    options: dict[str, Any] = {"target": "instance"}
+    if dataset == segmenter.meta.get("dataset"):
+        saved = segmenter.meta.get("data_options") or {}
+        options.update({k: saved[k] for k in ("category_map", "classes") if k in saved})
+    ds = get_dataset(dataset, root, split, **options)
+    if ds.num_classes != segmenter.num_classes:
+        raise ConfigError(
+            f"dataset {root} has {ds.num_classes} classes, the model predicts "
+            f"{segmenter.num_classes}; give the training recipe's category mapping"
+        )
+    metrics = evaluate_instances(segmenter, ds, batch_size=batch_size, num_workers=num_workers)
+    print(format_coco_table(metrics))
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "metrics.json"
+    text = json.dumps({"split": split, **metrics}, indent=2)
+    path.write_text(text)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(text)
+    return path
+
+
+def coco_results(
+    prediction: dict[str, Tensor], image_id: int, category_ids: Sequence[int] | None = None
+) -> list[dict[str, Any]]:
+    """One image's predictions as COCO results entries (bbox XYWH, RLE segmentation, score).
+
+    Args:
+        prediction: what :meth:`InstanceSegmenter.predict` returns.
+        image_id: the image's id in the results file.
+        category_ids: the dataset category id of each class (default: the class index).
+    """
+    boxes = prediction["boxes"].double()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    out = []
+    for box, rle, label, score in zip(
+        xywh,
+        encode_masks(prediction["masks"]),
+        prediction["labels"].tolist(),
+        prediction["scores"].tolist(),
+    ):
+        cat = category_ids[label] if category_ids is not None else label
+        out.append(
+            {
+                "image_id": image_id,
+                "category_id": int(cat),
+                "bbox": [round(v, 2) for v in box],
+                "score": round(float(score), 5),
+                "segmentation": rle,
+            }
+        )
+    return out
+
+
+def predict_instances(
+    segmenter: InstanceSegmenter,
+    files: Sequence[Path],
+    out: str | Path,
+    *,
+    batch_size: int = 2,
+    alpha: float = 0.5,
+    min_score: float = 0.5,
+) -> Path:
+    """``denseseg predict`` for an instance checkpoint.
+
+    Writes ``<stem>_instances.png`` per image (a colour per instance, boxes, class names and
+    scores of the detections scoring at least ``min_score``) and ``results.json``: every
+    detection in COCO's results format (``image_id`` numbers the files from 1 in the order
+    given; ``images`` in ``results_images.json`` maps ids to file names).
+
+    Returns:
+        The path of ``results.json``.
+    """
+    from denseseg.data.io import read_image, write_image
+    from denseseg.viz import draw_instances
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
+    images_meta = []
+    cat_ids = segmenter.meta.get("category_ids")
+    bar = tqdm(total=len(files), desc="predict", unit="img", dynamic_ncols=True)
+    for start in range(0, len(files), batch_size):
+        chunk = list(files[start : start + batch_size])
+        images = [read_image(p) for p in chunk]
+        for k, (path, image, pred) in enumerate(
+            zip(chunk, images, segmenter.predict_batch(images))
+        ):
+            image_id = start + k + 1
+            h, w = image.shape[-2:]
+            images_meta.append({"id": image_id, "file_name": path.name, "height": h, "width": w})
+            results += coco_results(pred, image_id, cat_ids)
+            shown = pred["scores"] >= min_score
+            picture = draw_instances(
+                image,
+                pred["boxes"][shown],
+                pred["labels"][shown],
+                pred["masks"][shown],
+                scores=pred["scores"][shown],
+                class_names=segmenter.class_names,
+                alpha=alpha,
+            )
+            write_image(folder / f"{path.stem}_instances.png", picture)
+        bar.update(len(chunk))
+    bar.close()
+    (folder / "results_images.json").write_text(json.dumps(images_meta, indent=1))
+    path = folder / "results.json"
+    path.write_text(json.dumps(results))
+    return path

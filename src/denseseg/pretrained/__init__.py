@@ -1,0 +1,319 @@
+"""Built-in models: trained weights shipped inside the package, loadable by name.
+
+Each built-in model ``NAME`` is two files in this folder:
+
+* ``NAME.safetensors``: the model's weights (float16 or float32). Safetensors holds bare tensors,
+  so loading it runs no code (no pickle).
+* ``NAME.json``: everything :func:`denseseg.load_model` needs besides the weights: the registered
+  model name and its keyword arguments, class names, palette, normalisation (mean/std),
+  ``ignore_index``, input channels, the :class:`~denseseg.inference.Segmenter` mode and tile
+  size, and provenance (recipe, steps, validation metrics, date, source checkpoint, sha256 of
+  the weights file).
+
+``pack(checkpoint, name)`` writes both from a checkpoint of ``denseseg train`` (the ``denseseg
+pack`` command); ``denseseg.load_model("NAME")`` and ``--model NAME`` on the command line load
+them, with no download and no dataset.
+
+Folders searched, in order: the ``directory`` argument where a function takes one, the folders
+in the environment variable ``DENSESEG_PRETRAINED_DIR`` (``os.pathsep``-separated; ``pack``
+writes into the first), then this package folder. Tests and users' own collections thereby never
+need to write into the installed package.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from denseseg.errors import CheckpointError, ConfigError
+
+__all__ = [
+    "ENV_VAR",
+    "MAX_BYTES",
+    "PACKAGE_DIR",
+    "builtin_files",
+    "list_builtin",
+    "load_builtin",
+    "pack",
+    "read_meta",
+    "unknown_model_message",
+]
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+ENV_VAR = "DENSESEG_PRETRAINED_DIR"
+MAX_BYTES = 25 * 1024 * 1024
+"""Largest weights file ``pack`` writes (25 MiB): the package must stay small to install."""
+FORMAT = "denseseg-pretrained/1"
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
+# Checkpoint entries copied into the JSON as they are (all plain lists, numbers and strings).
+_META_KEYS = ("model_name", "model_kwargs", "mean", "std", "in_channels", "num_classes")
+
+
+def _search_dirs(directory: str | os.PathLike | None = None) -> list[Path]:
+    dirs = [Path(directory)] if directory is not None else []
+    dirs += [Path(p) for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
+    dirs.append(PACKAGE_DIR)
+    return dirs
+
+
+def list_builtin(directory: str | os.PathLike | None = None) -> list[str]:
+    """Names of the built-in models (those with both ``NAME.json`` and ``NAME.safetensors``).
+
+    Args:
+        directory: an extra folder searched first (see the module docstring).
+
+    Returns:
+        Sorted names, e.g. ``["camvid", "isbi2012"]``.
+    """
+    names: set[str] = set()
+    for d in _search_dirs(directory):
+        if d.is_dir():
+            names |= {p.stem for p in d.glob("*.json") if p.with_suffix(".safetensors").is_file()}
+    return sorted(names)
+
+
+def builtin_files(
+    name: str, directory: str | os.PathLike | None = None
+) -> tuple[Path, Path] | None:
+    """``(NAME.json, NAME.safetensors)`` of a built-in model, or None when there is none.
+
+    Args:
+        name: the built-in name.
+        directory: an extra folder searched first.
+    """
+    if not _NAME.match(str(name)):
+        return None
+    for d in _search_dirs(directory):
+        meta, weights = d / f"{name}.json", d / f"{name}.safetensors"
+        if meta.is_file() and weights.is_file():
+            return meta, weights
+    return None
+
+
+def read_meta(name: str, directory: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The ``NAME.json`` of a built-in model as a dict.
+
+    Raises:
+        CheckpointError: no built-in model has that name, or its JSON is unreadable.
+    """
+    files = builtin_files(name, directory)
+    if files is None:
+        raise CheckpointError(unknown_model_message(name, directory))
+    try:
+        return json.loads(files[0].read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"built-in model file {files[0]} is unreadable ({exc})") from None
+
+
+def unknown_model_message(name: str, directory: str | os.PathLike | None = None) -> str:
+    """The one-line error for a ``--model`` that is neither a file nor a built-in name."""
+    known = ", ".join(list_builtin(directory)) or "none installed"
+    return (
+        f"checkpoint {name} not found; give the path of a .pt file or a built-in model name "
+        f"({known})"
+    )
+
+
+# ------------------------------------------------------------------------------- pack
+def pack(
+    checkpoint_path: str | os.PathLike,
+    name: str,
+    out_dir: str | os.PathLike | None = None,
+    fp16: bool = True,
+    extra_meta: Mapping[str, Any] | None = None,
+    max_bytes: int = MAX_BYTES,
+) -> dict[str, Path]:
+    """Turn a training checkpoint into the built-in model ``name`` (two files).
+
+    Float tensors are stored in float16 when ``fp16`` (halving the size; they are cast back to
+    float32 on loading); integer buffers (e.g. batch norm's ``num_batches_tracked``) are kept.
+
+    Args:
+        checkpoint_path: ``best.pt`` / ``last.pt`` written by ``denseseg train``.
+        name: the built-in name (lower case letters, digits, ``_`` and ``-``).
+        out_dir: folder to write to; default the first folder of ``$DENSESEG_PRETRAINED_DIR``,
+            else the package folder.
+        fp16: store float weights as float16.
+        extra_meta: merged into the JSON; ``{"segmenter": {"mode": "overlap_tile",
+            "tile_size": 572}}`` sets the inference mode, ``{"provenance": {...}}`` adds to the
+            provenance (e.g. the recipe command).
+        max_bytes: refuse a weights file larger than this (25 MiB).
+
+    Returns:
+        ``{"json": Path, "weights": Path}``.
+
+    Raises:
+        ConfigError: a bad name or segmenter setting.
+        CheckpointError: the checkpoint is not a denseseg checkpoint, or the weights exceed
+            ``max_bytes``.
+    """
+    from safetensors.torch import save as st_save
+
+    from denseseg.engine.checkpoint import load_checkpoint, unwrap_state_dict
+
+    if not _NAME.match(str(name)):
+        raise ConfigError(
+            f"built-in name {name!r} must be lower case letters, digits, '_' or '-' (e.g. camvid)"
+        )
+    ckpt = load_checkpoint(checkpoint_path)
+    missing = [k for k in ("model_name", "model_kwargs", "mean", "std") if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{checkpoint_path} lacks {', '.join(missing)}: pack needs a checkpoint written by "
+            "denseseg train, not a bare state_dict"
+        )
+    state = unwrap_state_dict(ckpt)
+    tensors = {
+        k: (v.half() if fp16 and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in state.items()
+    }
+    blob = st_save(tensors, metadata={"format": FORMAT, "name": name})
+    if len(blob) > max_bytes:
+        raise CheckpointError(
+            f"weights of {checkpoint_path} take {len(blob) / 2**20:.1f} MiB as {name}.safetensors"
+            f", more than the {max_bytes / 2**20:.0f} MiB a built-in model may take; train a "
+            "smaller model (fewer channels) or pack with fp16"
+        )
+    meta = _meta_from_checkpoint(ckpt, name, checkpoint_path, fp16)
+    meta["sha256"] = hashlib.sha256(blob).hexdigest()
+    for key, value in dict(extra_meta or {}).items():
+        if isinstance(value, Mapping) and isinstance(meta.get(key), dict):
+            meta[key].update(value)
+        else:
+            meta[key] = value
+    _check_segmenter_settings(meta["segmenter"], name)
+
+    out = Path(out_dir) if out_dir is not None else _search_dirs()[0]
+    out.mkdir(parents=True, exist_ok=True)
+    weights_path, json_path = out / f"{name}.safetensors", out / f"{name}.json"
+    _atomic_write(weights_path, blob)
+    _atomic_write(json_path, (json.dumps(_plain(meta), indent=2) + "\n").encode())
+    return {"json": json_path, "weights": weights_path}
+
+
+def _meta_from_checkpoint(
+    ckpt: dict[str, Any], name: str, source: str | os.PathLike, fp16: bool
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {"format": FORMAT, "name": name}
+    meta.update({k: ckpt[k] for k in _META_KEYS if k in ckpt})
+    meta["in_channels"] = int(ckpt.get("in_channels", len(ckpt["mean"])))
+    meta["classes"] = list(ckpt.get("class_names") or [])
+    meta["palette"] = [list(map(int, p)) for p in ckpt.get("palette") or []]
+    meta["ignore_index"] = int(ckpt.get("ignore_index", 255))
+    meta["dtype"] = "float16" if fp16 else "float32"
+    meta["segmenter"] = {"mode": "whole", "tile_size": None}
+    config = ckpt.get("config") or {}
+    metrics = ckpt.get("metrics") or {}
+    meta["provenance"] = {
+        "checkpoint": Path(source).name,
+        "steps": ckpt.get("step"),
+        "recipe": config,
+        "val_metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    return meta
+
+
+def _check_segmenter_settings(seg: Any, name: str) -> None:
+    from denseseg.inference.segmenter import MODES
+
+    if not isinstance(seg, Mapping) or seg.get("mode", "whole") not in MODES:
+        raise ConfigError(
+            f"built-in {name}: segmenter settings {seg!r} need mode in {', '.join(MODES)}"
+        )
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-ready copy: tensors to lists, tuples to lists, NaN/inf to None."""
+    if isinstance(obj, torch.Tensor):
+        return _plain(obj.tolist())
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------- load
+def load_builtin(
+    name: str,
+    device: str | torch.device = "auto",
+    directory: str | os.PathLike | None = None,
+    **segmenter_kwargs: Any,
+):
+    """Build the built-in model ``name`` in float32 and wrap it in a Segmenter.
+
+    Args:
+        name: a name from :func:`list_builtin`.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        directory: an extra folder searched first.
+        **segmenter_kwargs: passed on to the Segmenter; they override the stored ``mode`` and
+            ``tile_size``.
+
+    Returns:
+        A :class:`~denseseg.inference.Segmenter` in eval mode.
+
+    Raises:
+        CheckpointError: unknown name, or files that do not fit the model they describe.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from denseseg.inference.segmenter import Segmenter, resolve_device
+    from denseseg.models import create_model
+
+    files = builtin_files(name, directory)
+    if files is None:
+        raise CheckpointError(unknown_model_message(name, directory))
+    meta = read_meta(name, directory)
+    try:
+        state = load_file(str(files[1]), device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"built-in weights {files[1]} cannot be read ({exc})") from None
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    model = create_model(meta["model_name"], **meta["model_kwargs"])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"built-in {name}: weights do not fit the model ({first})") from None
+    seg_opts = {k: v for k, v in (meta.get("segmenter") or {}).items() if v is not None}
+    if isinstance(seg_opts.get("tile_size"), list):
+        seg_opts["tile_size"] = tuple(seg_opts["tile_size"])
+    seg_opts.update(segmenter_kwargs)
+    return Segmenter(
+        model,
+        mean=meta["mean"],
+        std=meta["std"],
+        class_names=meta.get("classes") or None,
+        palette=meta.get("palette") or None,
+        ignore_index=meta.get("ignore_index", 255),
+        device=resolve_device(device),
+        meta={
+            "model_name": meta["model_name"],
+            "model_kwargs": meta["model_kwargs"],
+            "builtin": name,
+            "checkpoint": str(files[1]),
+            "step": (meta.get("provenance") or {}).get("steps"),
+            "provenance": meta.get("provenance"),
+        },
+        **seg_opts,
+    )

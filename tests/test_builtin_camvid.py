@@ -1,0 +1,53 @@
+"""The shipped `camvid` model: loads with no download, is the default of `denseseg predict`, and
+evaluates any CamVid copy through `denseseg eval --json`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from denseseg import load_model
+from denseseg.cli import main
+from denseseg.data.datasets.camvid import CAMVID_CLASSES
+
+
+def _frame(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(360, 480, 3), dtype=np.uint8)
+
+
+def test_builtin_camvid_loads_with_its_classes() -> None:
+    seg = load_model("camvid", device="cpu")
+    assert seg.class_names == list(CAMVID_CLASSES)
+    assert seg.palette[3] == (128, 64, 128)  # Road, as in the SegNet layout
+    label = seg.predict(torch.from_numpy(_frame(0)).permute(2, 0, 1))
+    assert label.shape == (360, 480) and 0 <= int(label.min()) and int(label.max()) < 11
+    fast = load_model("camvid", device="cpu", fast=True)
+    assert torch.equal(fast.predict(torch.from_numpy(_frame(0)).permute(2, 0, 1)), label)
+
+
+def test_predict_uses_camvid_by_default(tmp_path: Path) -> None:
+    Image.fromarray(_frame(1)).save(tmp_path / "street.png")
+    assert main(["predict", str(tmp_path / "street.png"), "--out", str(tmp_path / "out")]) == 0
+    mask = Image.open(tmp_path / "out" / "street.png")
+    assert mask.mode == "P" and mask.size == (480, 360)
+    assert (tmp_path / "out" / "street_overlay.png").is_file()
+
+
+def test_eval_writes_the_metrics_json(tmp_path: Path) -> None:
+    root = tmp_path / "CamVid"
+    for split in ("test", "testannot"):
+        (root / split).mkdir(parents=True)
+    labels = np.random.default_rng(2).integers(0, 12, size=(360, 480), dtype=np.uint8)
+    Image.fromarray(_frame(2)).save(root / "test" / "0001TP_008550.png")
+    Image.fromarray(labels, "L").save(root / "testannot" / "0001TP_008550.png")
+    out = tmp_path / "m.json"
+    args = ["eval", "--model", "camvid", "--dataset", "camvid", "--root", str(root)]
+    assert main([*args, "--split", "test", "--out", str(tmp_path / "e"), "--json", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    for key in ("aAcc", "mAcc", "mIoU", "fwIoU", "mDice", "mFscore", "IoU", "Acc", "Fscore"):
+        assert key in metrics
+    assert len(metrics["IoU"]) == 11 and 0.0 <= metrics["aAcc"] <= 1.0
