@@ -258,7 +258,9 @@ def _reader_options(items: list[str] | None) -> dict:
 def _add_data_source(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="recipe YAML file or built-in recipe name")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=...")
-    parser.add_argument("--dataset", default=None, help="dataset format (folder, camvid, ...)")
+    parser.add_argument(
+        "--dataset", default=None, help=f"dataset format: {', '.join(_dataset_names())}"
+    )
     parser.add_argument("--root", default=None, help="dataset folder")
 
 
@@ -285,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--model", required=True, help="checkpoint (.pt) or built-in model name (e.g. camvid)"
     )
-    e.add_argument("--dataset", default="folder", help="dataset format (folder, demo)")
+    e.add_argument(
+        "--dataset", default="folder", help=f"dataset format: {', '.join(_dataset_names())}"
+    )
     e.add_argument("--root", default=None, help="dataset folder")
     e.add_argument("--split", default="val")
     e.add_argument(
@@ -370,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list registered models")
     m.set_defaults(func=cmd_models)
     return p
+
+
+def _dataset_names() -> tuple[str, ...]:
+    from denseseg.data.registry import DATASETS
+
+    return DATASETS
 
 
 def main(argv: list[str] | None = None) -> int:
