@@ -11,8 +11,6 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=23.2"
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
-	# Test data only: stardist's bundled nuclei image (its files, not its TensorFlow stack).
-	$(PY) -m pip install --quiet --no-deps -c constraints.txt stardist
 	touch $(STAMP)
 
 demo: $(STAMP)
