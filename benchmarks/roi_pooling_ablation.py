@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-split", default="train")
     p.add_argument("--val-split", default="val")
     p.add_argument("--kinds", nargs="*", default=list(KINDS), choices=KINDS)
-    p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--steps", type=int, default=200, help="training steps per run")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=0.01)
