@@ -21,7 +21,8 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from denseseg.config import DataCfg
-from denseseg.errors import ConfigError, DensesegError
+from denseseg.engine.optim import backward_and_step
+from denseseg.errors import ConfigError
 from denseseg.inference.instance import InstanceSegmenter
 from denseseg.metrics.coco import CocoInstanceMetrics, encode_masks, format_coco_table
 
@@ -129,20 +130,7 @@ def instance_train_step(
     with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
         losses = model(xs, ts)
         loss = sum(losses.values())
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if grad_clip:
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    value = float(loss.detach())
-    if value != value:
-        raise DensesegError(
-            "the loss became NaN; lower optim.lr, lengthen schedule.warmup_steps or set "
-            "optim.grad_clip (last.pt is kept)"
-        )
-    return value
+    return backward_and_step(loss, model, optimizer, scaler, grad_clip)
 
 
 def evaluate_instances(

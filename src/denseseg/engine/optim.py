@@ -108,3 +108,30 @@ def lr_factor(
     else:
         raise ConfigError(f"unknown schedule schedule.name={name!r}; choose poly, cosine, constant")
     return min_ratio + (1 - min_ratio) * f
+
+
+def backward_and_step(
+    loss: torch.Tensor,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    grad_clip: float | None,
+) -> float:
+    """Backward through ``loss`` (scaled for mixed precision), optional gradient clipping, one
+    optimiser step; returns the loss value and stops on NaN (``last.pt`` is kept)."""
+    from denseseg.errors import DensesegError
+
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    value = float(loss.detach())
+    if value != value:
+        raise DensesegError(
+            "the loss became NaN; lower optim.lr, lengthen schedule.warmup_steps or set "
+            "optim.grad_clip (last.pt is kept)"
+        )
+    return value

@@ -46,7 +46,7 @@ from denseseg.engine.instance import (
     is_instance_model,
     log_instance_metrics,
 )
-from denseseg.engine.optim import build_optimizer, lr_factor
+from denseseg.engine.optim import backward_and_step, build_optimizer, lr_factor
 from denseseg.engine.sampler import EpochSampler, SeededTransformDataset
 from denseseg.errors import CheckpointError, ConfigError, DataError, DensesegError
 from denseseg.inference.instance import InstanceSegmenter
@@ -510,19 +510,7 @@ def _train_step(
         if "aux" in out and aux_weight:
             # torchvision's reference training: loss + 0.5 * the auxiliary head's loss.
             loss = loss + aux_weight * criterion(out["aux"].float(), targets, *extra)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if grad_clip:
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    value = float(loss.detach())
-    if value != value:
-        raise DensesegError(
-            "the loss became NaN; lower optim.lr or set optim.grad_clip (last.pt is kept)"
-        )
-    return value
+    return backward_and_step(loss, model, optimizer, scaler, grad_clip)
 
 
 def _center_crop(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
