@@ -7,10 +7,13 @@ STAMP := $(VENV)/.installed
 
 # Create the virtual environment if missing and install the package with its dev extras,
 # pinned to the versions we test with (constraints.txt). Re-runs when those files change.
+# stardist is installed for its bundled nuclei image only (the Mask R-CNN overfit test, the RoI
+# pooling ablation): --no-deps keeps TensorFlow out.
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=23.2"
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt stardist
 	touch $(STAMP)
 
 demo: $(STAMP)

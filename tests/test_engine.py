@@ -35,6 +35,27 @@ def test_poly_schedule_with_warmup() -> None:
         lr_factor(1, 10, name="step")
 
 
+def test_multistep_schedule_matches_torch_multisteplr() -> None:
+    """Mask R-CNN's schedule (lr / 10 at 60k and 80k of 90k steps), milestones as fractions."""
+    max_steps, milestones = 90, [60 / 90, 80 / 90]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    ref = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[60, 80], gamma=0.1)
+    expected = []
+    for _ in range(max_steps):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    ours = [lr_factor(s, max_steps, name="multistep", milestones=milestones) for s in range(90)]
+    assert ours == pytest.approx(expected)
+    assert ours[59] == 1.0 and ours[60] == pytest.approx(0.1) and ours[85] == pytest.approx(0.01)
+    # warm-up first, as detectron2's WarmupMultiStepLR
+    w = lr_factor(5, max_steps, name="multistep", milestones=milestones, warmup_steps=10)
+    assert w == pytest.approx(0.001 * 0.5 + 0.5)
+    for bad in ([], [60, 80], [0.0, 0.5]):
+        with pytest.raises(ConfigError, match="schedule.milestones"):
+            lr_factor(0, max_steps, name="multistep", milestones=bad, warmup_steps=10)
+
+
 def test_param_groups_decay_and_backbone_multiplier() -> None:
     class Net(torch.nn.Module):
         def __init__(self) -> None:

@@ -115,13 +115,17 @@ class OptimCfg:
 
 @dataclass
 class ScheduleCfg:
-    """Learning-rate schedule over training steps: linear warm-up, then poly/cosine/constant."""
+    """Learning-rate schedule over training steps: linear warm-up, then poly, cosine, constant
+    or multistep (``milestones`` as fractions of ``train.max_steps``, lr times ``gamma`` at each).
+    """
 
     name: str = "poly"
     power: float = 0.9
     warmup_steps: int = 0
     warmup_factor: float = 0.001
     min_lr: float = 0.0
+    milestones: list[float] = field(default_factory=list)
+    gamma: float = 0.1
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -88,13 +89,22 @@ def lr_factor(
     warmup_steps: int = 0,
     warmup_factor: float = 0.001,
     min_ratio: float = 0.0,
+    milestones: Sequence[float] = (),
+    gamma: float = 0.1,
 ) -> float:
     """Multiplier of the base learning rate at ``step`` (0-based).
 
     Linear warm-up from ``warmup_factor`` to 1 over ``warmup_steps``, then ``poly``
-    ``(1 - t)^power`` (DeepLab), ``cosine`` or ``constant`` over the remaining steps, never
-    below ``min_ratio``.
+    ``(1 - t)^power`` (DeepLab), ``cosine``, ``constant``, or ``multistep`` (times ``gamma`` at
+    each milestone passed, milestones given as fractions of ``max_steps``: Mask R-CNN's
+    ``[0.667, 0.889]`` drops the lr tenfold at 60k and 80k of 90k steps), never below
+    ``min_ratio``.
     """
+    if name == "multistep" and (not milestones or any(not 0 < m < 1 for m in milestones)):
+        raise ConfigError(
+            f"schedule.milestones={list(milestones)!r}: the multistep schedule needs fractions "
+            "of train.max_steps between 0 and 1, e.g. [0.667, 0.889]"
+        )
     if step < warmup_steps:
         alpha = step / max(1, warmup_steps)
         return warmup_factor * (1 - alpha) + alpha
@@ -105,8 +115,12 @@ def lr_factor(
         f = 0.5 * (1 + math.cos(math.pi * t))
     elif name == "constant":
         f = 1.0
+    elif name == "multistep":
+        f = gamma ** sum(step >= m * max_steps for m in milestones)
     else:
-        raise ConfigError(f"unknown schedule schedule.name={name!r}; choose poly, cosine, constant")
+        raise ConfigError(
+            f"unknown schedule schedule.name={name!r}; choose poly, cosine, constant, multistep"
+        )
     return min_ratio + (1 - min_ratio) * f
 
 

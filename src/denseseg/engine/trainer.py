@@ -263,6 +263,8 @@ def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, Any]:
             warmup_steps=sc.warmup_steps,
             warmup_factor=sc.warmup_factor,
             min_ratio=min_ratio,
+            milestones=sc.milestones,
+            gamma=sc.gamma,
         ),
     )
     amp = tc.amp and device.type == "cuda"
