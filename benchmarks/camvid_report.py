@@ -36,10 +36,19 @@ def main() -> None:
     parser.add_argument("--model", default="camvid")
     parser.add_argument("--root", required=True, help="CamVid folder (SegNet layout)")
     parser.add_argument("--split", default="val")
-    parser.add_argument("--log", default=None, help="the training run's log.csv (curve)")
+    parser.add_argument(
+        "--log",
+        nargs="+",
+        default=None,
+        metavar="[LABEL=]LOG",
+        help="training runs' log.csv for the curve, one line each (label: 'train' if not given)",
+    )
     parser.add_argument("--docs", default="docs", help="folder for the pictures")
     parser.add_argument("--frames", type=int, nargs="+", default=[0, 25, 50, 75])
     parser.add_argument("--json", default=None, help="write the metrics JSON here")
+    parser.add_argument(
+        "--prefix", default="camvid", help="picture names: PREFIX_overlays.png, PREFIX_curve.png"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     docs = Path(args.docs)
@@ -51,10 +60,10 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     print(f"\nmodel {args.model} on CamVid {args.split} ({len(data)} frames, 360x480)\n")
-    print("| class | IoU % |\n|---|---|")
-    for name, iou in zip(seg.class_names, res["IoU"]):
-        print(f"| {name} | {100 * iou:.1f} |")
-    print(f"| **mean IoU** | **{100 * res['mIoU']:.1f}** |")
+    print("| class | IoU % | accuracy (recall) % |\n|---|---|---|")
+    for name, iou, acc in zip(seg.class_names, res["IoU"], res["Acc"]):
+        print(f"| {name} | {100 * iou:.1f} | {100 * acc:.1f} |")
+    print(f"| **mean** | **{100 * res['mIoU']:.1f}** | **{100 * res['mAcc']:.1f}** |")
     print(f"\nmAcc {100 * res['mAcc']:.1f} %, aAcc {100 * res['aAcc']:.1f} %")
     print("published CamVid test mean IoU: " + ", ".join(f"{k} {v}" for k, v in PUBLISHED.items()))
 
@@ -71,7 +80,7 @@ def main() -> None:
         )
     grid = save_image_grid(
         rows,
-        docs / "camvid_overlays.png",
+        docs / f"{args.prefix}_overlays.png",
         titles=["frame", "ground truth", "prediction"],
         palette=seg.palette,
         class_names=seg.class_names,
@@ -81,7 +90,8 @@ def main() -> None:
     Image.open(grid).convert("RGB").quantize(colors=128).save(grid, optimize=True)
     print(f"overlays: {grid} ({grid.stat().st_size // 1024} KiB)")
     if args.log:
-        curve = plot_training_curves({"train": args.log}, docs / "camvid_curve.png")
+        runs = dict(item.split("=", 1) if "=" in item else ("train", item) for item in args.log)
+        curve = plot_training_curves(runs, docs / f"{args.prefix}_curve.png")
         print(f"curve: {curve}")
 
 

@@ -26,7 +26,10 @@ def test_builtin_camvid_loads_with_its_classes() -> None:
     label = seg.predict(torch.from_numpy(_frame(0)).permute(2, 0, 1))
     assert label.shape == (360, 480) and 0 <= int(label.min()) and int(label.max()) < 11
     fast = load_model("camvid", device="cpu", fast=True)
-    assert torch.equal(fast.predict(torch.from_numpy(_frame(0)).permute(2, 0, 1)), label)
+    # Folding batch norm into the convolutions changes float rounding: on a noise frame a
+    # near-tie may flip (1 of 172,800 pixels with the shipped weights), nothing more.
+    fast_label = fast.predict(torch.from_numpy(_frame(0)).permute(2, 0, 1))
+    assert (fast_label != label).float().mean().item() < 1e-4
 
 
 def test_predict_uses_camvid_by_default(tmp_path: Path) -> None:
