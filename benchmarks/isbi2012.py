@@ -11,7 +11,8 @@ training curve::
 
 ``--model`` takes a checkpoint or a built-in name (default ``isbi2012``). The held-out slices
 default to the recipe's ``data.options.val_slices``. Inference follows the model's stored mode
-(overlap-tile for the built-in) unless ``--mode``/``--tile-size`` say otherwise. The metric
+and test-time augmentation (overlap-tile and ``d4`` for the built-in) unless ``--mode``,
+``--tile-size`` or ``--tta`` say otherwise. The metric
 definitions are in :mod:`denseseg.metrics.isbi`.
 """
 
@@ -57,6 +58,9 @@ def main() -> None:
     p.add_argument("--val-slices", type=int, nargs="+", default=None)
     p.add_argument("--mode", default=None, choices=["whole", "overlap_tile"])
     p.add_argument("--tile-size", type=int, default=None)
+    p.add_argument(
+        "--tta", default=None, choices=["none", "hflip", "d4"], help="test-time augmentation"
+    )
     p.add_argument("--json", default=None, help="write the metrics here")
     p.add_argument("--overlay", default=None, help="PNG of the first held-out slice")
     p.add_argument("--overlay-size", type=int, default=256)
@@ -67,7 +71,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     slices = args.val_slices or load_config("unet_isbi2012").data.options["val_slices"]
-    kwargs = {k: v for k, v in (("mode", args.mode), ("tile_size", args.tile_size)) if v}
+    options = (("mode", args.mode), ("tile_size", args.tile_size), ("tta", args.tta))
+    kwargs = {k: v for k, v in options if v}
     seg = load_model(args.model, device="cpu", **kwargs)
     ds = get_dataset("isbi2012", args.root, "val", val_slices=slices)
     start = time.time()

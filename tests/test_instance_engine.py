@@ -96,6 +96,9 @@ def test_load_model_gives_an_instance_predictor(trained: tuple[Path, Path]) -> N
     assert out["masks"].dtype == torch.bool and (out["scores"][:-1] >= out["scores"][1:]).all()
     gray = seg.predict(image.permute(2, 0, 1)[:1])  # grayscale input is expanded
     assert gray["masks"].shape[1:] == (64, 80)
+    # Semantic-only inference options are refused in one line, not a TypeError.
+    with pytest.raises(ConfigError, match="instance model.*fast, tta"):
+        load_model(run / "last.pt", device="cpu", fast=True, tta="d4")
 
 
 def test_eval_and_predict_commands(trained: tuple[Path, Path], tmp_path: Path) -> None:

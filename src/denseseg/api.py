@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from denseseg.engine.checkpoint import load_checkpoint, unwrap_state_dict
-from denseseg.errors import CheckpointError
+from denseseg.errors import CheckpointError, ConfigError
 from denseseg.inference.segmenter import Segmenter, resolve_device
 from denseseg.models import create_model
 
@@ -54,6 +54,13 @@ def load_model(
     model.load_state_dict(unwrap_state_dict(ckpt))
     if getattr(model, "task", "semantic") == "instance":
         from denseseg.inference.instance import InstanceSegmenter
+
+        semantic_only = sorted(set(segmenter_kwargs) & {"fast", "tta", "mode", "tile_size"})
+        if semantic_only:
+            raise ConfigError(
+                f"{path} is an instance model (Mask R-CNN): {', '.join(semantic_only)} apply to "
+                "semantic models only; leave them out"
+            )
 
         return InstanceSegmenter(
             model,

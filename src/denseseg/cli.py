@@ -63,7 +63,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from denseseg.metrics import format_table, save_results
     from denseseg.viz import plot_confusion_matrix, plot_per_class_iou
 
-    seg = load_model(args.model, device=args.device)
+    seg = load_model(args.model, device=args.device, **_tta_option(args))
     if getattr(seg, "task", "semantic") == "instance":
         from denseseg.engine.instance import run_instance_eval
 
@@ -133,7 +133,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from denseseg.data.palette import overlay
 
     fast = {"fast": True} if args.fast else {}
-    seg = load_model(args.model, device=args.device, threshold=args.threshold, **fast)
+    seg = load_model(
+        args.model, device=args.device, threshold=args.threshold, **fast, **_tta_option(args)
+    )
     files = _list_inputs(Path(args.input))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -173,7 +175,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_pack(args: argparse.Namespace) -> int:
     from denseseg.pretrained import pack
 
-    extra: dict = {"segmenter": {"mode": args.mode, "tile_size": args.tile_size}}
+    extra: dict = {
+        "segmenter": {"mode": args.mode, "tile_size": args.tile_size, "tta": args.tta or "none"}
+    }
     if args.note:
         extra["provenance"] = {"note": args.note}
     files = pack(args.checkpoint, args.name, out_dir=args.out, fp16=not args.fp32, extra_meta=extra)
@@ -309,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how classes absent from the ground truth count in the means",
     )
     e.add_argument("--device", default="auto")
+    _add_tta(e)
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("predict", help="segment an image or a folder of images")
@@ -327,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     r.add_argument("--threshold", type=float, default=0.5, help="binary models' threshold")
     r.add_argument("--device", default="auto")
+    _add_tta(r)
     r.set_defaults(func=cmd_predict)
 
     d = sub.add_parser("demo", help="train and compare pixelwise vs U-Net on the demo data")
@@ -369,11 +375,29 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--mode", default="whole", choices=["whole", "overlap_tile"])
     k.add_argument("--tile-size", type=int, default=None, help="tile side for overlap_tile")
     k.add_argument("--note", default=None, help="free text kept in the provenance")
+    _add_tta(k, "test-time augmentation the built-in model uses by default (none)")
     k.set_defaults(func=cmd_pack)
 
     m = sub.add_parser("models", help="list registered models")
     m.set_defaults(func=cmd_models)
     return p
+
+
+def _add_tta(parser: argparse.ArgumentParser, help: str | None = None) -> None:
+    from denseseg.inference.segmenter import TTA
+
+    parser.add_argument(
+        "--tta",
+        default=None,
+        choices=TTA,
+        help=help
+        or "test-time augmentation: hflip (2 passes) or d4 (8 flips and rotations, for "
+        "microscopy); default: the model's own setting",
+    )
+
+
+def _tta_option(args: argparse.Namespace) -> dict:
+    return {"tta": args.tta} if args.tta else {}
 
 
 def _dataset_names() -> tuple[str, ...]:

@@ -6,7 +6,7 @@ Each built-in model ``NAME`` is two files in this folder:
   so loading it runs no code (no pickle).
 * ``NAME.json``: everything :func:`denseseg.load_model` needs besides the weights: the registered
   model name and its keyword arguments, class names, palette, normalisation (mean/std),
-  ``ignore_index``, input channels, the :class:`~denseseg.inference.Segmenter` mode and tile
+  ``ignore_index``, input channels, the :class:`~denseseg.inference.Segmenter` mode, tile
   size, and provenance (recipe, steps, validation metrics, date, source checkpoint, sha256 of
   the weights file).
 
@@ -145,7 +145,8 @@ def pack(
             else the package folder.
         fp16: store float weights as float16.
         extra_meta: merged into the JSON; ``{"segmenter": {"mode": "overlap_tile",
-            "tile_size": 572}}`` sets the inference mode, ``{"provenance": {...}}`` adds to the
+            "tile_size": 572, "tta": "d4"}}`` sets the inference mode and test-time
+            augmentation, ``{"provenance": {...}}`` adds to the
             provenance (e.g. the recipe command).
         max_bytes: refuse a weights file larger than this (25 MiB).
 
@@ -211,7 +212,7 @@ def _meta_from_checkpoint(
     meta["palette"] = [list(map(int, p)) for p in ckpt.get("palette") or []]
     meta["ignore_index"] = int(ckpt.get("ignore_index", 255))
     meta["dtype"] = "float16" if fp16 else "float32"
-    meta["segmenter"] = {"mode": "whole", "tile_size": None}
+    meta["segmenter"] = {"mode": "whole", "tile_size": None, "tta": "none"}
     config = ckpt.get("config") or {}
     metrics = ckpt.get("metrics") or {}
     meta["provenance"] = {
@@ -225,11 +226,16 @@ def _meta_from_checkpoint(
 
 
 def _check_segmenter_settings(seg: Any, name: str) -> None:
-    from denseseg.inference.segmenter import MODES
+    from denseseg.inference.segmenter import MODES, TTA
 
-    if not isinstance(seg, Mapping) or seg.get("mode", "whole") not in MODES:
+    if (
+        not isinstance(seg, Mapping)
+        or seg.get("mode", "whole") not in MODES
+        or seg.get("tta", "none") not in TTA
+    ):
         raise ConfigError(
-            f"built-in {name}: segmenter settings {seg!r} need mode in {', '.join(MODES)}"
+            f"built-in {name}: segmenter settings {seg!r} need mode in {', '.join(MODES)} and "
+            f"tta in {', '.join(TTA)}"
         )
 
 
@@ -265,8 +271,8 @@ def load_builtin(
         name: a name from :func:`list_builtin`.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         directory: an extra folder searched first.
-        **segmenter_kwargs: passed on to the Segmenter; they override the stored ``mode`` and
-            ``tile_size``.
+        **segmenter_kwargs: passed on to the Segmenter; they override the stored ``mode``,
+            ``tile_size`` and ``tta``.
 
     Returns:
         A :class:`~denseseg.inference.Segmenter` in eval mode.
