@@ -89,3 +89,24 @@ def tiny_recipe(data_root: Path, out_dir: Path, **extra: object) -> list[str]:
     ]
     overrides += [f"{k}={v}" for k, v in extra.items()]
     return overrides
+
+
+def save_em_checkpoint(path: Path, model_name: str, **kwargs: object) -> Path:
+    """A checkpoint as ``denseseg train`` writes one, of an untrained two-class, one-channel
+    model (membrane/cell): enough for pack, load and inference tests."""
+    from denseseg.engine.checkpoint import atomic_save
+    from denseseg.models import create_model
+
+    kwargs = {"num_classes": 2, "in_channels": 1, **kwargs}
+    ckpt = {
+        "model": create_model(model_name, **kwargs).state_dict(),
+        "model_name": model_name,
+        "model_kwargs": kwargs,
+        "mean": [0.5],
+        "std": [0.5],
+        "class_names": ["membrane", "cell"],
+        "palette": [[0, 0, 0], [255, 255, 255]],
+        "step": 7,
+    }
+    atomic_save(ckpt, path)
+    return path

@@ -12,13 +12,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import denseseg
-from conftest import tiny_recipe
+from conftest import save_em_checkpoint, tiny_recipe
 from denseseg.cli import main
 from denseseg.config import load_config
-from denseseg.engine.checkpoint import atomic_save
 from denseseg.engine.trainer import train
 from denseseg.errors import CheckpointError, ConfigError
-from denseseg.models import create_model
 from denseseg.pretrained import ENV_VAR, list_builtin, load_builtin, pack, read_meta
 
 
@@ -61,7 +59,7 @@ def test_pack_and_load_by_name_match_the_checkpoint(trained: Path, builtin_dir: 
         assert meta[key], key
     assert meta["classes"] == ["background", "bright", "dark"]
     assert meta["in_channels"] == 3 and meta["ignore_index"] == 255
-    assert meta["segmenter"] == {"mode": "whole", "tile_size": None}
+    assert meta["segmenter"] == {"mode": "whole", "tile_size": None, "tta": "none"}
     prov = meta["provenance"]
     assert prov["steps"] == 4 and prov["note"] == "test" and prov["checkpoint"] == "last.pt"
     assert prov["recipe"]["train"]["max_steps"] == 4 and "mIoU" in prov["val_metrics"]
@@ -112,19 +110,7 @@ def test_unknown_name_and_bad_name(builtin_dir: Path, trained: Path) -> None:
 
 def test_segmenter_settings_travel_with_the_weights(tmp_path: Path) -> None:
     # A valid-padding U-Net packed for overlap-tile inference loads in that mode.
-    kwargs = {"num_classes": 2, "in_channels": 1, "base_channels": 4, "depth": 2}
-    model = create_model("unet_valid", **kwargs)
-    ckpt = {
-        "model": model.state_dict(),
-        "model_name": "unet_valid",
-        "model_kwargs": kwargs,
-        "mean": [0.5],
-        "std": [0.5],
-        "class_names": ["membrane", "cell"],
-        "palette": [[0, 0, 0], [255, 255, 255]],
-        "step": 7,
-    }
-    atomic_save(ckpt, tmp_path / "v.pt")
+    save_em_checkpoint(tmp_path / "v.pt", "unet_valid", base_channels=4, depth=2)
     seg_opts = {"segmenter": {"mode": "overlap_tile", "tile_size": 60}}
     pack(tmp_path / "v.pt", "valid", out_dir=tmp_path, extra_meta=seg_opts)
     seg = load_builtin("valid", device="cpu", directory=tmp_path)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import save_em_checkpoint
 from denseseg.cli import main
-from denseseg.engine.checkpoint import atomic_save
 from denseseg.errors import ConfigError
 from denseseg.inference.segmenter import Segmenter
 from denseseg.models import create_model
@@ -121,19 +121,7 @@ def test_unknown_tta_is_refused() -> None:
 
 
 def test_tta_travels_with_a_packed_model(tmp_path: Path, capsys) -> None:
-    kwargs = {"num_classes": 2, "in_channels": 1, "base_channels": 4, "depth": 2}
-    model = create_model("unet", **kwargs)
-    ckpt = {
-        "model": model.state_dict(),
-        "model_name": "unet",
-        "model_kwargs": kwargs,
-        "mean": [0.5],
-        "std": [0.5],
-        "class_names": ["membrane", "cell"],
-        "palette": [[0, 0, 0], [255, 255, 255]],
-        "step": 3,
-    }
-    atomic_save(ckpt, tmp_path / "m.pt")
+    save_em_checkpoint(tmp_path / "m.pt", "unet", base_channels=4, depth=2)
     args = ["pack", str(tmp_path / "m.pt"), "em", "--out", str(tmp_path), "--tta", "d4"]
     assert main(args) == 0
     seg = load_builtin("em", device="cpu", directory=tmp_path)
