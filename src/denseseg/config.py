@@ -144,6 +144,9 @@ class TrainCfg:
     out_dir: str = "runs/exp"
     tensorboard: bool = True
     progress: bool = True
+    # Batches of training crops over which batch-norm statistics are recomputed before each
+    # evaluation (PreciseBN, denseseg.engine.precise_bn); 0 keeps the running averages.
+    precise_bn: int = 0
 
 
 @dataclass

@@ -47,6 +47,7 @@ from denseseg.engine.instance import (
     log_instance_metrics,
 )
 from denseseg.engine.optim import backward_and_step, build_optimizer, lr_factor
+from denseseg.engine.precise_bn import calibration_batches, recompute_bn_stats
 from denseseg.engine.sampler import EpochSampler, SeededTransformDataset
 from denseseg.errors import CheckpointError, ConfigError, DataError, DensesegError
 from denseseg.inference.instance import InstanceSegmenter
@@ -221,6 +222,8 @@ def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, Any]:
     instance = is_instance_model(model)
     if instance:
         check_instance_data(train_raw, dc)
+        if tc.precise_bn:
+            raise ConfigError("train.precise_bn applies to semantic models; set it to 0")
 
     mean, std = default_mean_std(in_channels)
     mean, std = list(dc.mean or mean), list(dc.std or std)
@@ -350,6 +353,11 @@ def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, Any]:
                 state[best_key] = score
                 save("best")
             return
+        if tc.precise_bn:
+            batches = calibration_batches(
+                train_ds, tc.precise_bn, bs, seed=tc.seed * 1_000_003 + state["step"]
+            )
+            recompute_bn_stats(model, batches, device)
         metrics = evaluate(
             segmenter,
             val_raw,

@@ -1,0 +1,88 @@
+"""Precise batch-norm statistics: recompute the running mean and variance of every batch-norm
+layer over a number of training batches with the current weights, before evaluating.
+
+Batch norm normalises with the statistics of each batch in training, but with exponential moving
+averages of them (``running_mean``, ``running_var``) in evaluation. Those averages lag behind the
+weights, and badly so for a model trained from scratch with a small momentum: torchvision's
+MobileNetV3 uses momentum 0.01 (tuned for long ImageNet schedules), so the huge activations of
+the first steps stay in its averages for hundreds of steps and an evaluation early in a CamVid
+run scores a few percent mIoU where the same weights with fresh statistics score 40 %. Wu and
+Johnson ("Rethinking 'Batch' in BatchNorm", 2021) call the remedy PreciseBN: average the
+statistics of ``N`` batches with equal weight (PyTorch's ``momentum=None``), as detectron2's
+``PreciseBN`` hook and pycls do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+__all__ = ["calibration_batches", "recompute_bn_stats"]
+
+
+@torch.no_grad()
+def recompute_bn_stats(
+    model: nn.Module, batches: Iterable[Tensor], device: torch.device | str | None = None
+) -> int:
+    """Replace the running statistics of every batch-norm layer by their average over ``batches``.
+
+    Each layer's ``running_mean`` and ``running_var`` become the equally weighted mean of the
+    batch means and (unbiased) batch variances it sees in training mode; the weights are not
+    touched, and the layers' momentum and the model's train/eval mode are restored afterwards.
+
+    Args:
+        model: a model containing ``nn.BatchNorm*`` layers, called as ``model(x)``.
+        batches: input batches ``(N, C, H, W)``, normalised as in training.
+        device: where to run the batches (default: where the model's first parameter is).
+
+    Returns:
+        The number of batches used (0 when the model has no batch norm: nothing is run).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in norms if m.track_running_stats]
+    if not norms:
+        return 0
+    if device is None:
+        device = next(model.parameters()).device
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: every batch counts equally
+    model.train()
+    count = 0
+    try:
+        for x in batches:
+            model(x.to(device))
+            count += 1
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return count
+
+
+def calibration_batches(
+    dataset: Dataset, num_batches: int, batch_size: int, seed: int
+) -> Iterator[Tensor]:
+    """``num_batches`` batches of training inputs drawn at random (without replacement while
+    the dataset lasts) from a :class:`~denseseg.engine.sampler.SeededTransformDataset`.
+
+    The draw depends on ``seed`` only, through its own generator, so it leaves the training
+    run's random state as it was (a resumed run stays reproducible).
+
+    Yields:
+        Stacked images ``(batch_size, C, H, W)`` (training crops share one size).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n = len(dataset)  # type: ignore[arg-type]
+    order = torch.cat(
+        [torch.randperm(n, generator=gen) for _ in range(-(-num_batches * batch_size // n))]
+    )
+    seeds = torch.randint(0, 2**31 - 1, (len(order),), generator=gen)
+    for b in range(num_batches):
+        items = range(b * batch_size, (b + 1) * batch_size)
+        yield torch.stack([dataset[(int(order[i]), int(seeds[i]))][0] for i in items])
