@@ -22,11 +22,9 @@ import torch
 from denseseg.api import load_model
 from denseseg.config import config_from_dict
 from denseseg.data.registry import get_dataset
-from denseseg.data.transforms import build_transforms
 from denseseg.engine.checkpoint import load_checkpoint
 from denseseg.engine.evaluate import evaluate
-from denseseg.engine.precise_bn import calibration_batches, recompute_bn_stats
-from denseseg.engine.sampler import SeededTransformDataset
+from denseseg.engine.precise_bn import recipe_batches, recompute_bn_stats
 
 
 def _train_seconds(run: Path) -> float:
@@ -52,18 +50,9 @@ def main() -> None:
         seg = load_model(run / "last.pt", device="cpu")
         params = sum(t.numel() for t in seg.model.parameters())
         stale = evaluate(seg, val, batch_size=4, progress=False).compute()
-        dc = cfg.data
-        raw = get_dataset(dc.dataset, args.root, dc.train_split)
-        tfm = build_transforms(
-            True,
-            mean=ckpt["mean"],
-            std=ckpt["std"],
-            ignore_index=raw.ignore_index,
-            **dc.transform_kwargs(),
-        )
         start = time.time()
-        batches = calibration_batches(
-            SeededTransformDataset(raw, tfm), args.batches, dc.batch_size, seed=0
+        batches = recipe_batches(
+            cfg.data, args.batches, mean=ckpt["mean"], std=ckpt["std"], root=args.root
         )
         recompute_bn_stats(seg.model, batches)
         calib = time.time() - start

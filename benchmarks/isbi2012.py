@@ -14,6 +14,11 @@ default to the recipe's ``data.options.val_slices``. Inference follows the model
 and test-time augmentation (overlap-tile and ``d4`` for the built-in) unless ``--mode``,
 ``--tile-size`` or ``--tta`` say otherwise. The metric
 definitions are in :mod:`denseseg.metrics.isbi`.
+
+``--sweep RUN_DIR`` evaluates every ``step_*.pt`` checkpoint of a run instead (overlap-tile,
+572-pixel tiles, no test-time augmentation) and plots the errors against the step
+(``--sweep-plot``): how the Rand error moves during training, which the run's own
+validation mIoU does not show.
 """
 
 from __future__ import annotations
@@ -51,6 +56,43 @@ def _panel(image: np.ndarray, target: np.ndarray, pred: np.ndarray, size: int) -
     return out
 
 
+def _sweep(run: Path, root: str, slices: list[int], plot: str | None) -> None:
+    ds = get_dataset("isbi2012", root, "val", val_slices=slices)
+    rows = []
+    for ckpt in sorted(run.glob("step_*.pt")):
+        seg = load_model(ckpt, device="cpu", mode="overlap_tile", tile_size=572)
+        m = evaluate_isbi(seg, ds)
+        step = int(ckpt.stem.split("_")[1])
+        keys = ("pixel_error", "pixel_error_min", "rand_error", "membrane_IoU")
+        rows.append((step, *(m[k] for k in keys)))
+    print(f"{run}: held-out slices {slices}, overlap-tile 572, no TTA\n")
+    print("| step | pixel error | pixel error, best threshold | Rand error | membrane IoU |")
+    print("|---:|---:|---:|---:|---:|")
+    for step, pe, pe_min, rand, iou in rows:
+        print(f"| {step} | {pe:.4f} | {pe_min:.4f} | {rand:.4f} | {iou:.4f} |")
+    if plot and rows:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [r[0] for r in rows]
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        ax.plot(steps, [r[1] for r in rows], marker="o", ms=3, label="pixel error (at 0.5)")
+        ax.plot(steps, [r[2] for r in rows], marker="o", ms=3, label="pixel error, best threshold")
+        ax.plot(steps, [r[3] for r in rows], marker="o", ms=3, label="Rand error")
+        for key, value in PAPER.items():
+            ax.axhline(value, ls=":", lw=1, color="gray")
+            ax.annotate(f"paper {key.split('_')[0]}", (steps[0], value), fontsize=7)
+        ax.set(xlabel="step", ylabel="error on held-out slices", ylim=(0, None))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        Path(plot).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(plot, dpi=110)
+        plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="isbi2012", help="checkpoint or built-in model name")
@@ -67,10 +109,15 @@ def main() -> None:
     p.add_argument("--log", default=None, help="a run's log.csv, for --curve")
     p.add_argument("--curve", default=None, help="PNG of the training curve")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--sweep", type=Path, default=None, help="evaluate RUN_DIR/step_*.pt")
+    p.add_argument("--sweep-plot", default=None, help="PNG of the sweep's errors")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
     slices = args.val_slices or load_config("unet_isbi2012").data.options["val_slices"]
+    if args.sweep:
+        _sweep(args.sweep, args.root, list(slices), args.sweep_plot)
+        return
     options = (("mode", args.mode), ("tile_size", args.tile_size), ("tta", args.tta))
     kwargs = {k: v for k, v in options if v}
     seg = load_model(args.model, device="cpu", **kwargs)

@@ -64,6 +64,22 @@ def test_one_batch_makes_eval_mode_agree_with_training_mode() -> None:
         torch.testing.assert_close(net(x), batch_stats, rtol=1e-2, atol=1e-2)
 
 
+def test_dropout_stays_off_and_no_random_numbers_are_drawn() -> None:
+    torch.manual_seed(0)
+    with_dropout = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.5), nn.BatchNorm2d(4))
+    without = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Identity(), nn.BatchNorm2d(4))
+    without.load_state_dict(with_dropout.state_dict())
+    with_dropout.train()
+    with_dropout[0].eval()  # a mixed state, restored module by module
+    x = torch.randn(2, 3, 9, 9)
+    before = torch.random.get_rng_state()
+    recompute_bn_stats(with_dropout, [x])
+    assert torch.equal(torch.random.get_rng_state(), before)
+    recompute_bn_stats(without, [x])
+    torch.testing.assert_close(with_dropout[2].running_var, without[2].running_var)
+    assert [m.training for m in with_dropout] == [False, True, True]
+
+
 def test_a_model_without_batch_norm_is_left_alone() -> None:
     net = nn.Sequential(nn.Conv2d(3, 2, 1), nn.GroupNorm(1, 2))
     assert recompute_bn_stats(net, iter(lambda: pytest.fail("no batch is drawn"), None)) == 0

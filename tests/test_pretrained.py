@@ -15,6 +15,7 @@ import denseseg
 from conftest import save_em_checkpoint, tiny_recipe
 from denseseg.cli import main
 from denseseg.config import load_config
+from denseseg.engine.checkpoint import atomic_save
 from denseseg.engine.trainer import train
 from denseseg.errors import CheckpointError, ConfigError
 from denseseg.pretrained import ENV_VAR, list_builtin, load_builtin, pack, read_meta
@@ -152,3 +153,19 @@ def test_shipped_builtins_load_and_predict(name: str, monkeypatch: pytest.Monkey
     image = torch.randint(0, 256, (meta["in_channels"], 48, 40), dtype=torch.uint8)
     labels = seg.predict(image)
     assert labels.shape == (48, 40) and int(labels.max()) < len(meta["classes"])
+
+
+def test_pack_with_precise_bn_recomputes_statistics_only(trained: Path, tmp_path: Path) -> None:
+    files = pack(trained, "pbn", out_dir=tmp_path, fp16=False, precise_bn=2)
+    stored = load_file(str(files["weights"]))
+    saved = torch.load(trained, weights_only=True)["model"]
+    stats = [k for k in saved if k.endswith(("running_mean", "running_var"))]
+    assert stats and any(not torch.equal(stored[k], saved[k]) for k in stats)
+    learned = [k for k in saved if k.endswith(("weight", "bias"))]
+    assert all(torch.equal(stored[k], saved[k]) for k in learned)
+    assert read_meta("pbn", tmp_path)["provenance"]["precise_bn_batches"] == 2
+    bare = torch.load(trained, weights_only=True)
+    bare.pop("config")
+    atomic_save(bare, tmp_path / "bare.pt")
+    with pytest.raises(CheckpointError, match="recipe"):
+        pack(tmp_path / "bare.pt", "bare", out_dir=tmp_path, precise_bn=2)

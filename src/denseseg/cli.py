@@ -180,7 +180,15 @@ def cmd_pack(args: argparse.Namespace) -> int:
     }
     if args.note:
         extra["provenance"] = {"note": args.note}
-    files = pack(args.checkpoint, args.name, out_dir=args.out, fp16=not args.fp32, extra_meta=extra)
+    files = pack(
+        args.checkpoint,
+        args.name,
+        out_dir=args.out,
+        fp16=not args.fp32,
+        extra_meta=extra,
+        precise_bn=args.precise_bn,
+        data_root=args.root,
+    )
     size = files["weights"].stat().st_size / 2**20
     print(f"wrote {files['weights']} ({size:.1f} MiB) and {files['json']}")
     return 0
@@ -376,6 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--tile-size", type=int, default=None, help="tile side for overlap_tile")
     k.add_argument("--note", default=None, help="free text kept in the provenance")
     _add_tta(k, "test-time augmentation the built-in model uses by default (none)")
+    k.add_argument(
+        "--precise-bn",
+        type=int,
+        default=0,
+        metavar="N",
+        help="recompute batch-norm statistics over N batches of the checkpoint's training data",
+    )
+    k.add_argument("--root", default=None, help="training data folder for --precise-bn")
     k.set_defaults(func=cmd_pack)
 
     m = sub.add_parser("models", help="list registered models")

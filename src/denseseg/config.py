@@ -66,6 +66,12 @@ class DataCfg:
     # Reader options passed to the dataset (e.g. coco's target/category_map, voc's mask_dir).
     options: dict[str, Any] = field(default_factory=dict)
 
+    def reader_options(self) -> dict[str, Any]:
+        """Keyword arguments for the dataset reader: ``options`` (and the demo generator's
+        settings for the ``demo`` dataset)."""
+        demo = dict(self.demo) if self.dataset == "demo" else {}
+        return {**demo, **self.options}
+
     def transform_kwargs(self) -> dict[str, Any]:
         """The training augmentation options as ``build_transforms`` keyword arguments
         (``mean``, ``std`` and ``ignore_index`` come from the dataset and are left out)."""

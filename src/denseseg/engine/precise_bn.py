@@ -20,7 +20,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-__all__ = ["calibration_batches", "recompute_bn_stats"]
+from denseseg.config import DataCfg
+
+__all__ = ["calibration_batches", "recipe_batches", "recompute_bn_stats"]
 
 
 @torch.no_grad()
@@ -30,8 +32,11 @@ def recompute_bn_stats(
     """Replace the running statistics of every batch-norm layer by their average over ``batches``.
 
     Each layer's ``running_mean`` and ``running_var`` become the equally weighted mean of the
-    batch means and (unbiased) batch variances it sees in training mode; the weights are not
-    touched, and the layers' momentum and the model's train/eval mode are restored afterwards.
+    batch means and (unbiased) batch variances it sees. Only the batch-norm layers run in
+    training mode; everything else (dropout above all) runs as in evaluation, so the statistics
+    are those of the network that will be evaluated, and no random numbers are drawn: a training
+    run that recalibrates goes on exactly as one that does not. The weights are not touched, and
+    the layers' momentum and every module's train/eval mode are restored afterwards.
 
     Args:
         model: a model containing ``nn.BatchNorm*`` layers, called as ``model(x)``.
@@ -48,11 +53,12 @@ def recompute_bn_stats(
     if device is None:
         device = next(model.parameters()).device
     momenta = [m.momentum for m in norms]
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average: every batch counts equally
-    model.train()
+        m.train()
     count = 0
     try:
         for x in batches:
@@ -61,7 +67,8 @@ def recompute_bn_stats(
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     return count
 
 
@@ -86,3 +93,34 @@ def calibration_batches(
     for b in range(num_batches):
         items = range(b * batch_size, (b + 1) * batch_size)
         yield torch.stack([dataset[(int(order[i]), int(seeds[i]))][0] for i in items])
+
+
+def recipe_batches(
+    data: DataCfg,
+    num_batches: int,
+    *,
+    mean: list[float],
+    std: list[float],
+    root: str | None = None,
+    seed: int = 0,
+) -> Iterator[Tensor]:
+    """Calibration batches from a recipe's training split and augmentation, for a model
+    trained by that recipe (``mean``/``std``: the checkpoint's normalisation).
+
+    Args:
+        data: the recipe's ``data`` section (a checkpoint's ``config["data"]``).
+        num_batches: how many batches of ``data.batch_size`` crops.
+        mean: normalisation mean the model was trained with.
+        std: normalisation std.
+        root: the dataset folder, when it is not where the recipe says.
+        seed: seed of the draw.
+    """
+    from denseseg.data.registry import get_dataset
+    from denseseg.data.transforms import build_transforms
+    from denseseg.engine.sampler import SeededTransformDataset
+
+    raw = get_dataset(data.dataset, root or data.root, data.train_split, **data.reader_options())
+    tfm = build_transforms(
+        True, mean=mean, std=std, ignore_index=raw.ignore_index, **data.transform_kwargs()
+    )
+    return calibration_batches(SeededTransformDataset(raw, tfm), num_batches, data.batch_size, seed)

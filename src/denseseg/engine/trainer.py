@@ -73,11 +73,6 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def _dataset_options(cfg: Config) -> dict[str, Any]:
-    demo = dict(cfg.data.demo) if cfg.data.dataset == "demo" else {}
-    return {**demo, **cfg.data.options}
-
-
 def build_model_for(cfg: Config, num_classes: int, in_channels: int) -> tuple[nn.Module, dict]:
     """Create the recipe's model; ``num_classes``/``in_channels`` default to the dataset's."""
     kwargs = dict(cfg.model.kwargs)
@@ -201,7 +196,7 @@ def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, Any]:
     seed_everything(tc.seed, tc.deterministic)
     device = resolve_device(tc.device)
 
-    opts = _dataset_options(cfg)
+    opts = dc.reader_options()
     train_raw = get_dataset(dc.dataset, dc.root, dc.train_split, **opts)
     # Evaluation reads raw uint8 items; eval_resize (optional) only resizes them.
     val_tfm = build_eval_resize(dc.eval_resize) if dc.eval_resize is not None else None

@@ -132,6 +132,8 @@ def pack(
     fp16: bool = True,
     extra_meta: Mapping[str, Any] | None = None,
     max_bytes: int = MAX_BYTES,
+    precise_bn: int = 0,
+    data_root: str | os.PathLike | None = None,
 ) -> dict[str, Path]:
     """Turn a training checkpoint into the built-in model ``name`` (two files).
 
@@ -149,6 +151,10 @@ def pack(
             augmentation, ``{"provenance": {...}}`` adds to the
             provenance (e.g. the recipe command).
         max_bytes: refuse a weights file larger than this (25 MiB).
+        precise_bn: recompute the batch-norm statistics over this many batches of the
+            checkpoint's own training recipe first (PreciseBN, :mod:`denseseg.engine.precise_bn`;
+            the weights stay as trained); 0 packs the statistics as saved.
+        data_root: the training data's folder for ``precise_bn``, when not the recipe's.
 
     Returns:
         ``{"json": Path, "weights": Path}``.
@@ -174,6 +180,8 @@ def pack(
             "denseseg train, not a bare state_dict"
         )
     state = unwrap_state_dict(ckpt)
+    if precise_bn:
+        state = _precise_bn_state(ckpt, state, precise_bn, data_root)
     tensors = {
         k: (v.half() if fp16 and v.is_floating_point() else v).detach().cpu().contiguous()
         for k, v in state.items()
@@ -186,6 +194,8 @@ def pack(
             "smaller model (fewer channels) or pack with fp16"
         )
     meta = _meta_from_checkpoint(ckpt, name, checkpoint_path, fp16)
+    if precise_bn:
+        meta["provenance"]["precise_bn_batches"] = int(precise_bn)
     meta["sha256"] = hashlib.sha256(blob).hexdigest()
     for key, value in dict(extra_meta or {}).items():
         if isinstance(value, Mapping) and isinstance(meta.get(key), dict):
@@ -200,6 +210,29 @@ def pack(
     _atomic_write(weights_path, blob)
     _atomic_write(json_path, (json.dumps(_plain(meta), indent=2) + "\n").encode())
     return {"json": json_path, "weights": weights_path}
+
+
+def _precise_bn_state(
+    ckpt: dict[str, Any], state: dict[str, Any], batches: int, root: str | os.PathLike | None
+) -> dict[str, Any]:
+    from denseseg.config import config_from_dict
+    from denseseg.engine.precise_bn import recipe_batches, recompute_bn_stats
+    from denseseg.models import create_model
+
+    if not ckpt.get("config"):
+        raise CheckpointError("precise_bn needs the training recipe saved in the checkpoint")
+    data = config_from_dict(ckpt["config"]).data
+    model = create_model(ckpt["model_name"], **ckpt["model_kwargs"])
+    model.load_state_dict(state)
+    stream = recipe_batches(
+        data,
+        batches,
+        mean=list(ckpt["mean"]),
+        std=list(ckpt["std"]),
+        root=None if root is None else str(root),
+    )
+    recompute_bn_stats(model, stream, "cpu")
+    return model.state_dict()
 
 
 def _meta_from_checkpoint(
