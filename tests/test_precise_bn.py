@@ -106,6 +106,20 @@ def test_calibration_batches_are_seeded_and_leave_the_global_rng_alone() -> None
     assert not torch.equal(torch.cat(a), torch.cat(list(calibration_batches(ds, 3, 2, seed=8))))
 
 
+def test_images_of_different_sizes_come_one_by_one() -> None:
+    class Sizes(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 3
+
+        def __getitem__(self, i: int):
+            return torch.zeros(1, 4 + i, 5), torch.zeros(4 + i, 5, dtype=torch.long)
+
+    ds = SeededTransformDataset(Sizes(), lambda im, t: (im, t))
+    batches = list(calibration_batches(ds, 1, 3, seed=0))
+    assert sorted(b.shape[2] for b in batches) == [4, 5, 6]
+    assert all(b.shape[0] == 1 for b in batches)
+
+
 def test_trainer_evaluates_with_recomputed_statistics(tiny_dataset: Path, tmp_path: Path) -> None:
     over = tiny_recipe(tiny_dataset, tmp_path / "run", **{"train.precise_bn": 2})
     result = train(load_config("unet_demo", over))
