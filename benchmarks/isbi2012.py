@@ -35,6 +35,7 @@ from PIL import Image
 from denseseg.api import load_model
 from denseseg.config import load_config
 from denseseg.data.registry import get_dataset
+from denseseg.inference.segmenter import TTA
 from denseseg.metrics.isbi import evaluate_isbi
 
 # Ronneberger et al. 2015, Table 1 (ISBI 2012 hidden test set, 7-rotation averaging).
@@ -100,9 +101,7 @@ def main() -> None:
     p.add_argument("--val-slices", type=int, nargs="+", default=None)
     p.add_argument("--mode", default=None, choices=["whole", "overlap_tile"])
     p.add_argument("--tile-size", type=int, default=None)
-    p.add_argument(
-        "--tta", default=None, choices=["none", "hflip", "d4"], help="test-time augmentation"
-    )
+    p.add_argument("--tta", default=None, choices=TTA, help="test-time augmentation")
     p.add_argument("--json", default=None, help="write the metrics here")
     p.add_argument("--overlay", default=None, help="PNG of the first held-out slice")
     p.add_argument("--overlay-size", type=int, default=256)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -55,7 +56,8 @@ def load_model(
     if getattr(model, "task", "semantic") == "instance":
         from denseseg.inference.instance import InstanceSegmenter
 
-        semantic_only = sorted(set(segmenter_kwargs) & {"fast", "tta", "mode", "tile_size"})
+        accepted = inspect.signature(InstanceSegmenter).parameters
+        semantic_only = sorted(set(segmenter_kwargs) - set(accepted))
         if semantic_only:
             raise ConfigError(
                 f"{path} is an instance model (Mask R-CNN): {', '.join(semantic_only)} apply to "
