@@ -1,6 +1,10 @@
 """Pictures people look at: overlays side by side, per-class IoU, confusion matrix, curves.
 
-Uses matplotlib's non-interactive Agg backend, so it works on machines without a screen.
+Uses matplotlib's non-interactive Agg backend, so it works on machines without a screen. Text
+that comes from users (class names, titles, file names) goes through :func:`plain_text`, so a
+class called ``$\\alpha$`` is drawn as typed instead of failing matplotlib's mathtext parser.
+Figures are written through :func:`denseseg.data.io.atomic_write` (a temporary file replaced
+onto the target, never through a symbolic link planted there).
 """
 
 from __future__ import annotations
@@ -17,9 +21,24 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from denseseg.data.io import atomic_write, show_path  # noqa: E402
+from denseseg.errors import DataError  # noqa: E402
+
+
+def plain_text(text: object) -> str:
+    """``text`` as matplotlib draws it literally: dollar signs escaped, so that mathtext (text
+    between two ``$``) never parses a user's string; undecodable bytes shown as ``\\xNN``."""
+    return show_path(str(text)).replace("$", r"\$")
+
+
+def _plain_all(texts: Sequence[object]) -> list[str]:
+    return [plain_text(t) for t in texts]
+
 
 def _legend(palette: Sequence[Sequence[int]], class_names: Sequence[str]) -> list[Patch]:
-    return [Patch(color=np.array(c) / 255.0, label=n) for c, n in zip(palette, class_names)]
+    return [
+        Patch(color=np.array(c) / 255.0, label=plain_text(n)) for c, n in zip(palette, class_names)
+    ]
 
 
 def save_image_grid(
@@ -42,7 +61,7 @@ def save_image_grid(
             if j < len(row):
                 ax.imshow(row[j], interpolation="nearest")
             if i == 0 and titles and j < len(titles):
-                ax.set_title(titles[j], fontsize=9)
+                ax.set_title(plain_text(titles[j]), fontsize=9)
     if palette is not None and class_names is not None:
         fig.legend(
             handles=_legend(palette, class_names),
@@ -68,7 +87,7 @@ def plot_per_class_iou(
     fig, ax = plt.subplots(figsize=(6, 0.35 * len(vals) + 1.2))
     colors = [np.array(c) / 255.0 for c in palette] if palette else None
     ax.barh(range(len(vals)), vals, color=colors, edgecolor="black", linewidth=0.5)
-    ax.set_yticks(range(len(vals)), class_names)
+    ax.set_yticks(range(len(vals)), _plain_all(class_names))
     ax.invert_yaxis()
     ax.set_xlim(0, 100)
     ax.set_xlabel("IoU (%)")
@@ -82,7 +101,7 @@ def plot_per_class_iou(
         )
     finite = [v for v in iou if v == v]
     miou = 100 * sum(finite) / len(finite) if finite else float("nan")
-    ax.set_title(f"{title}  mIoU {miou:.1f}%".strip(), fontsize=10)
+    ax.set_title(f"{plain_text(title)}  mIoU {miou:.1f}%".strip(), fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -98,8 +117,8 @@ def plot_confusion_matrix(
     size = max(4.0, 0.55 * n + 2)
     fig, ax = plt.subplots(figsize=(size, size))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=100)
-    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(n), class_names)
+    ax.set_xticks(range(n), _plain_all(class_names), rotation=45, ha="right")
+    ax.set_yticks(range(n), _plain_all(class_names))
     ax.set_xlabel("predicted")
     ax.set_ylabel("ground truth")
     if n <= 25:
@@ -116,7 +135,7 @@ def plot_confusion_matrix(
                         color="white" if norm[i, j] > 50 else "black",
                     )
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="% of ground-truth pixels")
-    ax.set_title(title or "confusion matrix (row-normalised)", fontsize=10)
+    ax.set_title(plain_text(title) or "confusion matrix (row-normalised)", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -138,10 +157,10 @@ def plot_training_curves(logs: dict[str, str | Path], path: str | Path) -> Path:
     for label, log_path in logs.items():
         s = read_log(log_path)
         if "loss" in s:
-            ax_l.plot(*zip(*s["loss"]), label=label)
+            ax_l.plot(*zip(*s["loss"]), label=plain_text(label))
         if "val_mIoU" in s:
             steps, vals = zip(*s["val_mIoU"])
-            ax_m.plot(steps, [100 * v for v in vals], marker="o", ms=3, label=label)
+            ax_m.plot(steps, [100 * v for v in vals], marker="o", ms=3, label=plain_text(label))
     ax_l.set(xlabel="step", ylabel="training loss", title="loss")
     ax_l.set_yscale("log")
     ax_m.set(xlabel="step", ylabel="val mIoU (%)", title="validation mIoU", ylim=(0, 100))
@@ -153,10 +172,21 @@ def plot_training_curves(logs: dict[str, str | Path], path: str | Path) -> Path:
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` in the format its suffix names (atomically), then close it.
+
+    Raises:
+        DataError: Unknown picture format, or the folder cannot be written.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fmt = path.suffix[1:].lower()
+        if fmt not in fig.canvas.get_supported_filetypes():
+            known = ", ".join(f".{k}" for k in ("png", "pdf", "svg", "jpg"))
+            raise DataError(f"cannot write picture {show_path(path)}: use a suffix such as {known}")
+        with atomic_write(path, "picture") as fh:
+            fig.savefig(fh, dpi=110, format=fmt)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -223,7 +253,7 @@ def draw_instances(
     for i, (box, label, color) in enumerate(zip(b, lab, colors)):
         draw.rectangle([float(v) for v in box], outline=color, width=2)
         known = class_names is not None and 0 <= label < len(class_names)
-        name = class_names[label] if known else f"class_{label}"
+        name = show_path(class_names[label]) if known else f"class_{label}"
         text = f"{name} {sc[i]:.2f}" if sc is not None else name
         x, y = float(box[0]), max(0.0, float(box[1]) - 11)
         left, top, right, bottom = draw.textbbox((x, y), text)

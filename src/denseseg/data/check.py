@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from denseseg.data.datasets.base import SplitNotFound
+from denseseg.data.io import show_path
 from denseseg.data.palette import Color
 from denseseg.data.registry import get_dataset
 from denseseg.data.stats import class_frequency_counts
@@ -84,9 +86,9 @@ class DataReport:
     @property
     def problems(self) -> list[str]:
         """Every problem, one line each, prefixed with its split."""
-        lines = [" ".join(e.split()) for e in self.errors]
+        lines = [show_path(" ".join(e.split())) for e in self.errors]
         for s in self.splits:
-            lines += [f"{s.split}: {' '.join(p.split())}" for p in s.problems]
+            lines += [show_path(f"{s.split}: {' '.join(p.split())}") for p in s.problems]
         return lines
 
     @property
@@ -158,34 +160,40 @@ def check_dataset(
         root: Dataset folder.
         splits: Splits to scan; ``None`` scans ``train`` and ``val`` where they exist (a
             missing default split is a note, not a problem, unless none exists). A split that
-            is asked for and cannot be opened is a problem.
+            is asked for and does not exist, or that exists but fails to open (the first image
+            unreadable, a mask missing: what ``train`` would stop on), is a problem.
         options: Format options passed to ``get_dataset`` (e.g. the demo data's).
         progress: Show a progress bar per split.
 
     Returns:
-        The :class:`DataReport`. Raises :class:`DataError` only when no split opens at all.
+        The :class:`DataReport`. Raises :class:`DataError` only when none of the splits exists.
     """
+    if root is not None and not Path(root).is_dir():  # not a problem of a split: one error
+        raise DataError(f"dataset folder {show_path(root)} does not exist; check --root")
     explicit = splits is not None
     names = list(splits) if explicit else list(DEFAULT_SPLITS)
     report: DataReport | None = None
     errors: list[str] = []
     notes: list[str] = []
     opened: list[tuple[str, Any]] = []
+    broken = False  # a split exists but fails to open: a problem even when no split opens
     for name in names:
         try:
             opened.append((name, get_dataset(dataset, root, name, **dict(options or {}))))
         except DataError as exc:
-            (errors if explicit else notes).append(f"{name}: {exc}")
-    if not opened:
+            missing = isinstance(exc, SplitNotFound)
+            broken |= not missing
+            (notes if missing and not explicit else errors).append(f"{name}: {exc}")
+    if not opened and not broken:
         detail = "; ".join(errors or notes)
-        raise DataError(f"no split of {root or dataset} could be opened ({detail})")
-    first = opened[0][1]
+        raise DataError(f"no split of {show_path(root or dataset)} could be opened ({detail})")
+    first = opened[0][1] if opened else None
     report = DataReport(
         dataset,
         None if root is None else str(root),
-        list(first.classes),
-        [tuple(c) for c in first.palette],
-        int(first.ignore_index),
+        list(first.classes) if first else [],
+        [tuple(c) for c in first.palette] if first else [],
+        int(first.ignore_index) if first else 255,
         errors=errors,
         notes=notes,
     )
@@ -203,7 +211,7 @@ def format_report(report: DataReport) -> str:
     Returns:
         Lines of text (without the problem list; see :attr:`DataReport.problems`).
     """
-    lines = [f"dataset {report.dataset} at {report.root}"]
+    lines = [f"dataset {report.dataset} at {show_path(report.root or '')}"]
     for s in report.splits:
         lines.append(f"  {s.split}: {s.images} images, {len(s.problems)} with problems")
     lines += [f"  note: {n.splitlines()[0]}" for n in report.notes]
@@ -242,7 +250,7 @@ def plot_class_histogram(report: DataReport, path: str | Path) -> Path:
     Returns:
         ``path``.
     """
-    from denseseg.viz import _save, plt  # Agg backend, set up once in viz
+    from denseseg.viz import _plain_all, _save, plain_text, plt  # Agg backend, set up in viz
 
     n, k = len(report.classes), max(len(report.splits), 1)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * n * k + 2), 4.2))
@@ -259,12 +267,13 @@ def plot_class_histogram(report: DataReport, path: str | Path) -> Path:
             edgecolor="black",
             linewidth=0.5,
             hatch=["", "//", "..", "xx"][j % 4],
-            label=f"{s.split} ({s.images} images)",
+            label=plain_text(f"{s.split} ({s.images} images)"),
         )
     ax.set_yscale("log")
-    ax.set_xticks(range(n), report.classes, rotation=45 if n > 6 else 0, ha="right")
+    ax.set_xticks(range(n), _plain_all(report.classes), rotation=45 if n > 6 else 0, ha="right")
     ax.set_ylabel("pixels (log scale)")
-    ax.set_title(f"class pixels: {report.dataset} {report.root or ''}".strip(), fontsize=10)
+    title = plain_text(f"class pixels: {report.dataset} {report.root or ''}".strip())
+    ax.set_title(title, fontsize=10)
     if len(report.splits) > 1:
         ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)

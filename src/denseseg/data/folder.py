@@ -21,10 +21,16 @@ Without ``classes.yaml`` or ``classes``/``num_classes`` arguments, ``num_classes
 one more than the largest label (other than ``ignore_index``) found in *every* mask under
 ``root`` (all splits, so that train and val agree); this reads every mask once, so pass
 ``num_classes`` or write ``classes.yaml`` for large datasets. Names are then ``class_0``, ...
+When some label below the largest never occurs (one stray pixel of 200 in masks of 0-2 would
+make 201 classes), a warning on the ``denseseg`` logger names the largest value, its pixel count
+and its file; the dataset still opens, since unused class ids can be genuine.
+
+``classes.yaml`` and the list files are read as UTF-8 (a byte-order mark is allowed).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,8 +39,8 @@ from typing import Any
 import torch
 import yaml
 
-from denseseg.data.datasets.base import IMAGE_SUFFIXES, SegmentationDataset
-from denseseg.data.io import image_info, read_mask
+from denseseg.data.datasets.base import IMAGE_SUFFIXES, SegmentationDataset, SplitNotFound
+from denseseg.data.io import image_info, read_mask, read_text, show_path
 from denseseg.data.palette import Color, default_palette, parse_palette
 
 # The statistics live in stats.py (they work on any dataset); re-exported for callers that
@@ -48,22 +54,25 @@ from denseseg.errors import ConfigError, DataError
 
 __all__ = ["IMAGE_SUFFIXES", "FolderDataset", "available_splits"]
 
+log = logging.getLogger("denseseg")
+
 _YAML_KEYS = ("classes", "palette", "ignore_index")
 _ALL_SPLITS = ("all", None)
 
 
 def _read_classes_yaml(path: Path) -> tuple[list[str] | None, list[Color] | None, int]:
     """Parse ``classes.yaml`` into (names, palette, ignore_index); ConfigError on any fault."""
+    text = read_text(path, "class list", ConfigError)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path} is not valid YAML ({exc}); fix its syntax") from exc
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{show_path(path)} is not valid YAML ({exc}); fix its syntax") from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must be a mapping with keys {', '.join(_YAML_KEYS)}")
+        raise ConfigError(f"{show_path(path)} must be a mapping with keys {', '.join(_YAML_KEYS)}")
     for key in data:
         if key not in _YAML_KEYS:
             raise ConfigError(
-                f"{path}: unknown key '{key}'; allowed keys are {', '.join(_YAML_KEYS)}"
+                f"{show_path(path)}: unknown key '{key}'; allowed keys are {', '.join(_YAML_KEYS)}"
             )
 
     names: list[str] | None = None
@@ -71,14 +80,15 @@ def _read_classes_yaml(path: Path) -> tuple[list[str] | None, list[Color] | None
     if "classes" in data:
         raw = data["classes"]
         if not isinstance(raw, list) or not raw:
-            raise ConfigError(f"{path}: 'classes' must be a non-empty list of names")
+            raise ConfigError(f"{show_path(path)}: 'classes' must be a non-empty list of names")
         names = []
         for i, entry in enumerate(raw):
             if isinstance(entry, dict):
                 extra = set(entry) - {"name", "color"}
                 if extra or "name" not in entry:
                     raise ConfigError(
-                        f"{path}: classes[{i}] must be {{name, color}}, got keys {sorted(entry)}"
+                        f"{show_path(path)}: classes[{i}] must be {{name, color}}, got keys "
+                        f"{sorted(entry)}"
                     )
                 names.append(str(entry["name"]))
                 colors.append(_yaml_colors(path, [entry["color"]])[0] if "color" in entry else None)
@@ -89,7 +99,9 @@ def _read_classes_yaml(path: Path) -> tuple[list[str] | None, list[Color] | None
     palette: list[Color] | None = None
     if "palette" in data:
         if any(c is not None for c in colors):
-            raise ConfigError(f"{path}: give colours either in 'classes' or in 'palette', not both")
+            raise ConfigError(
+                f"{show_path(path)}: give colours either in 'classes' or in 'palette', not both"
+            )
         palette = _yaml_colors(path, data["palette"])
     elif any(c is not None for c in colors):
         # Classes without a colour take the default palette's colour for their index.
@@ -98,17 +110,21 @@ def _read_classes_yaml(path: Path) -> tuple[list[str] | None, list[Color] | None
 
     ignore_index = data.get("ignore_index", 255)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or ignore_index < 0:
-        raise ConfigError(f"{path}: ignore_index must be an integer >= 0, got {ignore_index!r}")
+        raise ConfigError(
+            f"{show_path(path)}: ignore_index must be an integer >= 0, got {ignore_index!r}"
+        )
     return names, palette, ignore_index
 
 
 def _yaml_colors(path: Path, raw: Any) -> list[Color]:
     if not isinstance(raw, list):
-        raise ConfigError(f"{path}: a palette must be a list of [r, g, b] triples")
+        raise ConfigError(f"{show_path(path)}: a palette must be a list of [r, g, b] triples")
     try:
         return parse_palette(raw)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{path}: {exc}; write colours as [r, g, b] with 0..255") from exc
+        raise ConfigError(
+            f"{show_path(path)}: {exc}; write colours as [r, g, b] with 0..255"
+        ) from exc
 
 
 def _index_images(folder: Path) -> dict[str, Path]:
@@ -121,8 +137,8 @@ def _index_images(folder: Path) -> dict[str, Path]:
                 continue
             if path.stem in found:
                 raise DataError(
-                    f"{found[path.stem]} and {path} share the stem '{path.stem}', so they would "
-                    "share one mask; rename or remove one"
+                    f"{show_path(found[path.stem])} and {show_path(path)} share the stem "
+                    f"'{show_path(path.stem)}', so they would share one mask; rename or remove one"
                 )
             found[path.stem] = path
     return found
@@ -130,7 +146,7 @@ def _index_images(folder: Path) -> dict[str, Path]:
 
 def _read_list_file(path: Path, images: dict[str, Path]) -> list[str]:
     stems: list[str] = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(read_text(path, "split list").splitlines(), start=1):
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
@@ -140,7 +156,8 @@ def _read_list_file(path: Path, images: dict[str, Path]) -> list[str]:
             stems.append(Path(entry).stem)
         else:
             raise DataError(
-                f"{path} line {lineno} names '{entry}', but {path.parent / 'images'} holds no "
+                f"{show_path(path)} line {lineno} names '{entry}', but "
+                f"{show_path(path.parent / 'images')} holds no "
                 "such image; fix the list or add the image"
             )
     return stems
@@ -149,19 +166,24 @@ def _read_list_file(path: Path, images: dict[str, Path]) -> list[str]:
 def _pair(image_dir: Path, mask_dir: Path, stems: Sequence[str] | None) -> list[tuple[Path, Path]]:
     """Pair each image with ``mask_dir/<stem>.png``; DataError naming the first unpaired one."""
     if not image_dir.is_dir():
-        raise DataError(f"image folder {image_dir} does not exist; see the folder layout")
+        raise DataError(
+            f"image folder {show_path(image_dir)} does not exist; see the folder layout"
+        )
     images = _index_images(image_dir)
     if stems is None:
         stems = sorted(images)
     if not mask_dir.is_dir():
-        raise DataError(f"mask folder {mask_dir} does not exist; put masks there as <stem>.png")
+        raise DataError(
+            f"mask folder {show_path(mask_dir)} does not exist; put masks there as <stem>.png"
+        )
     pairs = [(images[s], mask_dir / f"{s}.png") for s in stems]
     missing = [(img, m) for img, m in pairs if not m.is_file()]
     if missing:
         img, mask = missing[0]
         more = f" ({len(missing) - 1} more images lack masks)" if len(missing) > 1 else ""
         raise DataError(
-            f"image {img} has no mask: expected {mask}{more}; add it or remove the image"
+            f"image {show_path(img)} has no mask: expected {show_path(mask)}{more}; add it or "
+            "remove the image"
         )
     return pairs
 
@@ -199,9 +221,9 @@ def _split_files(root: Path, split: str | None) -> list[tuple[Path, Path]]:
         stems = _read_list_file(list_file, _index_images(root / "images"))
         return _pair(root / "images", root / "masks", stems)
     avail = available_splits(root)
-    raise DataError(
-        f"dataset {root} has no split '{split}'; available: {', '.join(avail) or 'none'} "
-        f"(add {split}.txt or {split}/images)"
+    raise SplitNotFound(
+        f"dataset {show_path(root)} has no split '{split}'; available: "
+        f"{', '.join(avail) or 'none'} (add {split}.txt or {split}/images)"
     )
 
 
@@ -246,7 +268,7 @@ class FolderDataset(SegmentationDataset):
         self.split = split
         self.transforms = transforms
         if not self.root.is_dir():
-            raise DataError(f"dataset folder {self.root} does not exist; check the path")
+            raise DataError(f"dataset folder {show_path(self.root)} does not exist; check the path")
 
         yaml_path = self.root / "classes.yaml"
         names, palette, self.ignore_index = (
@@ -255,7 +277,7 @@ class FolderDataset(SegmentationDataset):
         self.files: list[tuple[Path, Path]] = _split_files(self.root, split)
         if not self.files:
             raise DataError(
-                f"dataset {self.root} (split {split}) has no images; "
+                f"dataset {show_path(self.root)} (split {split}) has no images; "
                 f"expected files with suffix {', '.join(IMAGE_SUFFIXES)} under images/"
             )
 
@@ -267,7 +289,8 @@ class FolderDataset(SegmentationDataset):
             if names is not None and len(names) != num_classes:
                 raise ConfigError(
                     f"num_classes={num_classes} but {len(names)} class names are given "
-                    f"({yaml_path if classes is None else 'classes argument'}); make them agree"
+                    f"({show_path(yaml_path) if classes is None else 'classes argument'}); "
+                    "make them agree"
                 )
         elif names is not None:
             num_classes = len(names)
@@ -280,25 +303,55 @@ class FolderDataset(SegmentationDataset):
 
         if palette is not None and len(palette) < num_classes:
             raise ConfigError(
-                f"{yaml_path}: palette has {len(palette)} colours for {num_classes} classes; "
-                "give one colour per class"
+                f"{show_path(yaml_path)}: palette has {len(palette)} colours for {num_classes} "
+                "classes; give one colour per class"
             )
         self.palette: list[Color] = (palette or default_palette(num_classes))[:num_classes]
         self.in_channels: int = image_info(self.files[0][0]).channels
 
     def _infer_num_classes(self) -> int:
-        top = -1
+        pixels: dict[int, int] = {}  # label -> pixels over every mask
+        first: dict[int, Path] = {}  # label -> first mask holding it
         for path in _all_mask_files(self.root):
             labels = read_mask(path)
             labels = labels[labels != self.ignore_index]
             if labels.numel():
                 low = int(labels.min())
                 if low < 0:
-                    raise DataError(f"mask {path} holds negative label {low}; labels must be >= 0")
-                top = max(top, int(labels.max()))
-        if top < 0:
+                    raise DataError(
+                        f"mask {show_path(path)} holds negative label {low}; labels must be >= 0"
+                    )
+                values, counts = torch.unique(labels, return_counts=True)
+                for v, n in zip(values.tolist(), counts.tolist()):
+                    pixels[v] = pixels.get(v, 0) + n
+                    first.setdefault(v, path)
+        if not pixels:
             raise DataError(
-                f"cannot infer the classes of {self.root}: every mask is empty or ignored; "
-                "write classes.yaml or pass num_classes"
+                f"cannot infer the classes of {show_path(self.root)}: every mask is empty or "
+                "ignored; write classes.yaml or pass num_classes"
             )
-        return top + 1
+        _report_inferred(self.root, pixels, first)
+        return max(pixels) + 1
+
+
+def _report_inferred(root: Path, pixels: dict[int, int], first: dict[int, Path]) -> None:
+    """Log the inferred class count; a warning when labels below the largest never occur."""
+    top = max(pixels)
+    fix = f"write {show_path(root / 'classes.yaml')} or pass num_classes"
+    if len(pixels) == top + 1:
+        log.info("inferred %d classes (0..%d) from the masks of %s", top + 1, top, show_path(root))
+        return
+    log.warning(
+        "inferred %d classes from the masks of %s because the largest label is %d (%d pixel(s), "
+        "first in %s), but only %d of the labels 0..%d occur; if %d is a stray value fix that "
+        "mask, otherwise %s to state the classes",
+        top + 1,
+        show_path(root),
+        top,
+        pixels[top],
+        show_path(first[top]),
+        len(pixels),
+        top,
+        top,
+        fix,
+    )

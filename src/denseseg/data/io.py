@@ -12,22 +12,52 @@ Conventions:
   palette PNGs whose pixel values *are* the indices (as PASCAL VOC stores them).
 - EXIF orientation is applied to both (``ImageOps.exif_transpose``), so pixels come out the way
   an image viewer, and therefore an annotator, shows them.
+- Decompression bombs: a file whose header claims more than :func:`max_pixels` pixels (default
+  :data:`DEFAULT_MAX_PIXELS`, Pillow's own ``Image.MAX_IMAGE_PIXELS``, 89,478,485 pixels) is
+  refused from its header, before any pixel is decoded. To read larger images, set the
+  environment variable ``DENSESEG_MAX_PIXELS`` to the largest pixel count (width x height) to
+  accept, e.g. ``DENSESEG_MAX_PIXELS=400000000``; it also lifts Pillow's own limit to match.
+- Writers (:func:`write_image`, :func:`write_mask`, and the plots and metric files elsewhere,
+  through :func:`atomic_write`) write a temporary file in the target's folder and
+  ``os.replace`` it onto the target: a reader never sees half a file, and a symbolic link
+  planted at the target is replaced, never written through.
+- File names in messages go through :func:`show_path`, so a name that holds undecodable bytes
+  or control characters is printed escaped instead of failing the print.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import re
+import secrets
+import struct
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from denseseg.errors import DataError
+from denseseg.errors import ConfigError, DataError, DensesegError
 
-__all__ = ["ImageInfo", "image_info", "read_image", "read_mask", "write_image", "write_mask"]
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "MAX_PIXELS_ENV",
+    "ImageInfo",
+    "atomic_write",
+    "image_info",
+    "max_pixels",
+    "read_image",
+    "read_mask",
+    "read_text",
+    "show_path",
+    "write_image",
+    "write_mask",
+]
 
 PathLike = str | os.PathLike
 
@@ -37,6 +67,88 @@ _GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"
 _INDEX_MODES = {"1", "L", "LA", "P", "PA", "I", "I;16", "I;16L", "I;16B", "I;16N"}
 # EXIF orientations 5-8 rotate by 90 degrees, so height and width swap.
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+
+MAX_PIXELS_ENV = "DENSESEG_MAX_PIXELS"
+"""Environment variable that sets the largest image (width x height) the readers accept."""
+
+DEFAULT_MAX_PIXELS = 89_478_485
+"""Pillow's own ``Image.MAX_IMAGE_PIXELS`` default (a 1 GiB RGBA buffer / 3), where it warns."""
+
+
+def max_pixels() -> int:
+    """The largest pixel count (width x height) an image or mask may have.
+
+    Returns:
+        ``$DENSESEG_MAX_PIXELS`` when set, else :data:`DEFAULT_MAX_PIXELS`.
+
+    Raises:
+        ConfigError: The variable is set to something other than a positive whole number.
+    """
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_PIXELS
+    value = int(raw) if raw.isdigit() else 0
+    if value < 1:
+        raise ConfigError(
+            f"environment variable {MAX_PIXELS_ENV}={raw!r} must be a positive whole number "
+            f"of pixels (width x height, default {DEFAULT_MAX_PIXELS}); fix or unset it"
+        )
+    return value
+
+
+def show_path(path: PathLike | str) -> str:
+    """``path`` as text that always prints: a byte the file system name does not decode in
+    (a lone surrogate) is shown as ``\\xNN``, control characters as escapes.
+
+    Args:
+        path: A file name or path.
+
+    Returns:
+        The path, escaped where needed; unchanged when it is printable already.
+    """
+    text = os.fsdecode(path)
+    if text.isprintable():
+        return text
+    return "".join(_show_char(c) for c in text)
+
+
+def _show_char(c: str) -> str:
+    if c.isprintable():
+        return c
+    if 0xDC80 <= ord(c) <= 0xDCFF:  # os.fsdecode's stand-in for the undecodable byte
+        return f"\\x{ord(c) - 0xDC00:02x}"
+    return c.encode("unicode_escape").decode("ascii")
+
+
+def read_text(path: PathLike, what: str, error: type[DensesegError] = DataError) -> str:
+    """Read a UTF-8 text file (a leading byte-order mark is dropped).
+
+    Args:
+        path: The file.
+        what: What it is, for messages (``"split list"``, ...).
+        error: The exception type to raise (``ConfigError`` for settings files).
+
+    Returns:
+        The text.
+
+    Raises:
+        DensesegError: ``error``, naming the file, when it cannot be read or is not UTF-8.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise error(
+            f"cannot read {what} {show_path(path)} ({exc.strerror or exc}); check the file"
+        ) from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise error(
+            f"{what} {show_path(path)} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line "
+            f"{line}); save it with UTF-8 encoding"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -57,19 +169,54 @@ class ImageInfo:
 
 
 def _open(path: PathLike, what: str) -> Image.Image:
-    """Open ``path`` lazily (header only), turning every failure into a :class:`DataError`."""
+    """Open ``path`` lazily (header only), turning every failure into a :class:`DataError`;
+    a header claiming more than :func:`max_pixels` pixels is refused before decoding."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{what} {path} does not exist; check the path and the dataset layout")
+        raise DataError(
+            f"{what} {show_path(path)} does not exist; check the path and the dataset layout"
+        )
+    limit = max_pixels()
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < limit:
+        # The user asked for larger images: lift Pillow's own guard to match, the way Pillow's
+        # documentation says, so that ours is the one that decides.
+        Image.MAX_IMAGE_PIXELS = limit
     try:
-        return Image.open(path)
+        with warnings.catch_warnings():
+            # Pillow warns above its own limit; ours refuses such a file with a clearer message.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise _bomb_error(path, what, _claimed_pixels(exc), limit) from None
     except UnidentifiedImageError as exc:
         raise DataError(
-            f"{what} {path} is not an image format Pillow can read; "
+            f"{what} {show_path(path)} is not an image format Pillow can read; "
             "convert it to PNG (or JPEG for photos)"
         ) from exc
     except OSError as exc:
-        raise DataError(f"{what} {path} cannot be opened ({exc}); check the file") from exc
+        raise DataError(
+            f"{what} {show_path(path)} cannot be opened ({exc}); check the file"
+        ) from exc
+    width, height = img.size
+    if width * height > limit:
+        img.close()
+        raise _bomb_error(path, what, width * height, limit, f"{width}x{height} = ")
+    return img
+
+
+def _claimed_pixels(exc: Exception) -> int | None:
+    """The pixel count in Pillow's DecompressionBombError message."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    return int(found.group(1)) if found else None
+
+
+def _bomb_error(path: Path, what: str, pixels: int | None, limit: int, size: str = "") -> DataError:
+    claim = f"{size}{pixels:,}" if pixels else "too many"
+    return DataError(
+        f"{what} {show_path(path)} claims {claim} pixels, over the limit of {limit:,} "
+        "(a guard against decompression bombs); if the file is genuine, raise the limit with "
+        f"the environment variable {MAX_PIXELS_ENV}={pixels or 2 * limit}"
+    )
 
 
 def _decode(path: PathLike, what: str) -> Image.Image:
@@ -81,9 +228,11 @@ def _decode(path: PathLike, what: str) -> Image.Image:
             # truncated or corrupt file fails.
             img.load()
             out = ImageOps.exif_transpose(img)
-    except (OSError, SyntaxError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:  # a frame or tile larger than the header said
+        raise _bomb_error(Path(path), what, _claimed_pixels(exc), max_pixels()) from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
         raise DataError(
-            f"{what} {path} is truncated or corrupt ({exc}); re-export or re-download it"
+            f"{what} {show_path(path)} is truncated or corrupt ({exc}); re-export or re-download it"
         ) from exc
     return out
 
@@ -125,8 +274,8 @@ def _to_uint8_gray(img: Image.Image, path: PathLike) -> np.ndarray:
         arr = np.asarray(img).astype(np.float64)
         return np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
     raise DataError(
-        f"image {path} has mode {img.mode} (e.g. floating point), which has no standard 8-bit "
-        "scale; convert it to 8-bit grayscale or RGB"
+        f"image {show_path(path)} has mode {img.mode} (e.g. floating point), which has no "
+        "standard 8-bit scale; convert it to 8-bit grayscale or RGB"
     )
 
 
@@ -181,13 +330,72 @@ def read_mask(path: PathLike) -> torch.Tensor:
     img = _decode(path, "mask")
     if img.mode not in _INDEX_MODES:
         raise DataError(
-            f"mask {path} is {img.mode}; save class indices as a single-channel or palette PNG "
-            "(pixel value = class index)"
+            f"mask {show_path(path)} is {img.mode}; save class indices as a single-channel or "
+            "palette PNG (pixel value = class index)"
         )
     if img.mode in ("LA", "PA"):
         img = img.getchannel(0)
     arr = np.asarray(img).astype(np.int64)
     return torch.from_numpy(arr)
+
+
+@contextmanager
+def atomic_write(path: PathLike, what: str = "file") -> Iterator[BinaryIO]:
+    """Write ``path`` through a temporary file in its folder, then ``os.replace`` it there.
+
+    A reader sees the old file or the new one, never half of one; a symbolic link (or any
+    other entry) at ``path`` is replaced, not written through, so a link planted in an output
+    folder cannot redirect the write. The new file gets the usual permissions (0666 less the
+    umask). Missing parent folders are created. If the body raises, ``path`` is left as it was.
+
+    Args:
+        path: The file to write.
+        what: What it is, for messages (``"image"``, ``"metrics file"``, ...).
+
+    Yields:
+        A binary file object open for writing.
+
+    Raises:
+        DataError: The folder cannot be written (read-only, full, ``path`` is a folder, ...).
+    """
+    path = Path(path)
+    tmp: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _create_temporary(path)
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        raise DataError(f"cannot write {what} {show_path(path)} ({_reason(exc, path)})") from None
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+def _reason(exc: OSError, path: Path) -> str:
+    """What went wrong writing ``path``, and what to do."""
+    if not exc.errno:  # raised by a writer (Pillow: "cannot write mode RGBA as JPEG")
+        return str(exc)
+    if isinstance(exc, IsADirectoryError):
+        return "a folder of that name is in the way; remove it or choose another name"
+    blocking = [p for p in path.parents if p.exists() and not p.is_dir()]
+    if blocking:  # mkdir met a file where a folder should be
+        return f"{show_path(blocking[-1])} is a file, not a folder; choose another folder"
+    return f"{exc.strerror}; check that the folder is writable and has free space"
+
+
+def _create_temporary(path: Path) -> tuple[int, Path]:
+    """Create ``.<name>.<random>.tmp`` beside ``path``; O_EXCL never opens an existing entry
+    (nor follows a link), and mode 0666 lets the umask set the permissions as for any file."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.parent / f".{path.name[:200]}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def _as_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -205,7 +413,8 @@ def write_mask(
 
     Args:
         path: Output file; must end in ``.png`` (a lossy format would change the labels).
-            Missing parent folders are created.
+            Missing parent folders are created; the file is replaced atomically (see
+            :func:`atomic_write`).
         mask: Integer ``(H, W)`` tensor or array of class indices.
         palette: Colours ``[(r, g, b), ...]`` (or a flat ``[r, g, b, r, g, b, ...]`` list).
             When given, a palette PNG (mode ``P``) is written, viewable in colour yet storing
@@ -220,19 +429,23 @@ def write_mask(
 
     path = Path(path)
     if path.suffix.lower() != ".png":
-        raise DataError(f"mask file {path} must be a .png (lossless); change the file name")
+        raise DataError(
+            f"mask file {show_path(path)} must be a .png (lossless); change the file name"
+        )
     arr = _as_numpy(mask)
     if arr.ndim != 2 or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
         raise ValueError(f"mask must be a 2-D integer array, got shape {arr.shape} {arr.dtype}")
     lo = int(arr.min()) if arr.size else 0
     hi = int(arr.max()) if arr.size else 0
     if lo < 0:
-        raise DataError(f"mask for {path} holds negative value {lo}; class indices must be >= 0")
+        raise DataError(
+            f"mask for {show_path(path)} holds negative value {lo}; class indices must be >= 0"
+        )
     if palette is not None:
         if hi > 255:
             raise DataError(
-                f"mask for {path} holds value {hi}; a palette PNG stores indices below 256, "
-                "write it without a palette (16-bit PNG) instead"
+                f"mask for {show_path(path)} holds value {hi}; a palette PNG stores indices "
+                "below 256, write it without a palette (16-bit PNG) instead"
             )
         img = Image.fromarray(arr.astype(np.uint8))
         # putpalette turns the L image into P with the same bytes; convert("P") would quantise.
@@ -242,24 +455,30 @@ def write_mask(
     elif hi <= 65535:
         img = Image.fromarray(arr.astype(np.uint16))
     else:
-        raise DataError(f"mask for {path} holds value {hi}; PNG masks store values up to 65535")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+        raise DataError(
+            f"mask for {show_path(path)} holds value {hi}; PNG masks store values up to 65535"
+        )
+    with atomic_write(path, "mask") as fh:
+        img.save(fh, format="PNG")
 
 
 def write_image(path: PathLike, image: torch.Tensor | np.ndarray) -> None:
     """Write a ``uint8`` image; the format follows the file suffix.
 
     Args:
-        path: Output file (``.png``, ``.jpg``, ...). Missing parent folders are created.
+        path: Output file (``.png``, ``.jpg``, ...). Missing parent folders are created; the
+            file is replaced atomically (see :func:`atomic_write`).
         image: A tensor ``(C, H, W)`` or an array ``(H, W, C)``, or either as ``(H, W)``;
             ``C`` is 1, 3 or 4 (RGBA), ``uint8``.
 
     Raises:
         ValueError: Wrong dtype or shape.
-        DataError: Pillow cannot write that format.
+        DataError: Pillow cannot write that format, or the folder cannot be written.
     """
     path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"cannot write image {show_path(path)}: unknown suffix; use .png or .jpg")
     arr = _as_numpy(image)
     if arr.dtype != np.uint8:
         raise ValueError(f"image must be uint8, got {arr.dtype}")
@@ -269,8 +488,11 @@ def write_image(path: PathLike, image: torch.Tensor | np.ndarray) -> None:
         arr = arr[:, :, 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
         raise ValueError(f"image must have 1, 3 or 4 channels, got shape {tuple(image.shape)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    picture = Image.fromarray(np.ascontiguousarray(arr))
     try:
-        Image.fromarray(np.ascontiguousarray(arr)).save(path)
-    except (KeyError, ValueError, OSError) as exc:
-        raise DataError(f"cannot write image {path} ({exc}); use a .png or .jpg suffix") from exc
+        with atomic_write(path, "image") as fh:
+            picture.save(fh, format=fmt)
+    except (KeyError, ValueError, OSError) as exc:  # e.g. RGBA as JPEG
+        raise DataError(
+            f"cannot write image {show_path(path)} ({exc}); use a .png or .jpg suffix"
+        ) from exc

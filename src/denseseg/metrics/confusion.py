@@ -36,6 +36,7 @@ class. They are kept in a hidden extra column, so :attr:`SegmentationMetrics.con
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -45,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from denseseg.data.io import atomic_write
 from denseseg.errors import ConfigError, DataError
 
 ABSENT_POLICIES = ("nan", "zero", "gt_only")
@@ -530,7 +532,10 @@ def save_results(
     written as ``null`` so the file is strict JSON), plus ``class_names`` and ``confusion``
     (rows = ground truth, columns = prediction; ``null`` when not given). ``per_class.csv`` has
     one row per class: ``class, IoU, Acc, Dice, Precision, Recall, Fscore`` as fractions, NaN as
-    an empty field.
+    an empty field; a class name that a spreadsheet would run as a formula (starting with ``=``,
+    ``+``, ``-``, ``@``, tab or carriage return) gets a leading ``'``, as OWASP advises. Both
+    files are UTF-8, each replaced atomically (a symbolic link at its name is replaced, not
+    followed).
 
     Args:
         results: the dict of :meth:`SegmentationMetrics.compute`.
@@ -540,20 +545,31 @@ def save_results(
 
     Returns:
         ``{"json": path, "csv": path}``.
+
+    Raises:
+        DataError: ``out_dir`` cannot be written.
     """
     names = _names(results, class_names)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     payload = dict(_nan_to_none(dict(results)))
     payload["class_names"] = names
     payload["confusion"] = None if confusion is None else np.asarray(confusion).tolist()
     json_path = out / "metrics.json"
-    json_path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    with atomic_write(json_path, "metrics file") as fh:
+        fh.write((json.dumps(payload, indent=2, allow_nan=False) + "\n").encode())
+    rows = io.StringIO(newline="")
+    writer = csv.writer(rows)
+    writer.writerow(["class", *PER_CLASS_KEYS])
+    for i, name in enumerate(names):
+        values = (results[k][i] for k in PER_CLASS_KEYS)
+        cells = ("" if _is_missing(v) else repr(float(v)) for v in values)
+        writer.writerow([_csv_safe(name), *cells])
     csv_path = out / "per_class.csv"
-    with csv_path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["class", *PER_CLASS_KEYS])
-        for i, name in enumerate(names):
-            values = (results[k][i] for k in PER_CLASS_KEYS)
-            writer.writerow([name, *("" if _is_missing(v) else repr(float(v)) for v in values)])
+    with atomic_write(csv_path, "metrics file") as fh:
+        fh.write(rows.getvalue().encode("utf-8", "backslashreplace"))
     return {"json": json_path, "csv": csv_path}
+
+
+def _csv_safe(text: str) -> str:
+    """``text`` with a leading ``'`` when a spreadsheet would read it as a formula (OWASP)."""
+    return f"'{text}" if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text

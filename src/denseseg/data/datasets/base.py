@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from denseseg.data.io import read_image, read_mask
+from denseseg.data.io import read_image, read_mask, read_text, show_path
 from denseseg.data.palette import Color
 from denseseg.errors import DataError
 
@@ -26,6 +26,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "INVALID",
     "SegmentationDataset",
+    "SplitNotFound",
     "build_lut",
     "pair_by_stem",
     "read_split_list",
@@ -57,18 +58,25 @@ def build_lut(mapping: dict[int, int], size: int = 256) -> np.ndarray:
     return lut
 
 
+class SplitNotFound(DataError):
+    """The dataset has no split of that name (as opposed to a split that exists but fails)."""
+
+
 def require_dir(path: Path, layout: str) -> Path:
     """Return ``path`` if it is a folder, else a :class:`DataError` naming it and ``layout``."""
     if not path.is_dir():
-        raise DataError(f"expected folder {path} does not exist; the layout is {layout}")
+        raise DataError(f"expected folder {show_path(path)} does not exist; the layout is {layout}")
     return path
 
 
 def unknown_split(root: Path, split: Any, available: Iterable[str], fix: str = "") -> DataError:
-    """The error for a split the dataset does not have, listing the ones it has."""
+    """The error (a :class:`SplitNotFound`) for a split the dataset does not have, listing the
+    ones it has."""
     names = ", ".join(available) or "none"
     more = f"; {fix}" if fix else ""
-    return DataError(f"dataset {root} has no split '{split}'; available: {names}{more}")
+    return SplitNotFound(
+        f"dataset {show_path(root)} has no split '{split}'; available: {names}{more}"
+    )
 
 
 def read_split_list(path: Path) -> list[str]:
@@ -85,10 +93,7 @@ def read_split_list(path: Path) -> list[str]:
     Returns:
         Stems in file order.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise DataError(f"cannot read split list {path} ({exc}); check the file") from exc
+    text = read_text(path, "split list")
     stems = []
     for line in text.splitlines():
         entry = line.strip()
@@ -165,8 +170,9 @@ class SegmentationDataset(Dataset):
             bad = torch.unique(target[~ok]).tolist()
             shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
             raise DataError(
-                f"mask {mask_path} holds labels {shown} outside 0..{self.num_classes - 1} "
-                f"(ignore_index {self.ignore_index}); fix the mask or the class list"
+                f"mask {show_path(mask_path)} holds labels {shown} outside "
+                f"0..{self.num_classes - 1} (ignore_index {self.ignore_index}); fix the mask or "
+                "the class list"
             )
 
     def _decode(self, raw: torch.Tensor, index: int, mask_path: Path) -> torch.Tensor:
@@ -181,8 +187,8 @@ class SegmentationDataset(Dataset):
             values = torch.unique(raw[bad]).tolist()
             shown = ", ".join(map(str, values[:10])) + (", ..." if len(values) > 10 else "")
             raise DataError(
-                f"mask {mask_path} holds values {shown}, which this format does not define "
-                f"(its masks store {self.label_hint()}); fix or re-export the mask"
+                f"mask {show_path(mask_path)} holds values {shown}, which this format does not "
+                f"define (its masks store {self.label_hint()}); fix or re-export the mask"
             )
         return out
 
@@ -202,7 +208,8 @@ class SegmentationDataset(Dataset):
 
     def _channel_error(self, image_path: Path, channels: int) -> str:
         return (
-            f"image {image_path} has {channels} channel(s) but {self.files[0][0]} has "
+            f"image {show_path(image_path)} has {channels} channel(s) but "
+            f"{show_path(self.files[0][0])} has "
             f"{self.in_channels}; convert all images to the same colour mode"
         )
 
@@ -233,8 +240,9 @@ class SegmentationDataset(Dataset):
         target = self.load_target(index)
         if tuple(target.shape) != tuple(image.shape[1:]):
             raise DataError(
-                f"mask {mask_path} is {target.shape[0]}x{target.shape[1]} (HxW) but image "
-                f"{image_path} is {image.shape[1]}x{image.shape[2]}; masks must match their image"
+                f"mask {show_path(mask_path)} is {target.shape[0]}x{target.shape[1]} (HxW) but "
+                f"image {show_path(image_path)} is {image.shape[1]}x{image.shape[2]}; masks must "
+                "match their image"
             )
         return image, target
 
@@ -287,7 +295,7 @@ def pair_by_stem(
         if missing:
             more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
             raise DataError(
-                f"{what} {missing[0]} does not exist{more}; every listed sample needs "
+                f"{what} {show_path(missing[0])} does not exist{more}; every listed sample needs "
                 f"{image_dir.name}/<name>{image_suffix} and {mask_dir.name}/<name>{mask_suffix}"
             )
     return pairs
