@@ -43,3 +43,24 @@ def test_builtin_recipes_load() -> None:
         cfg = load_config(name)
         assert cfg.data.dataset == "demo"
     assert apply_overrides({}, ["a.b.c=1"]) == {"a": {"b": {"c": 1}}}
+
+
+def test_every_recipe_key_has_a_range_rule() -> None:
+    import dataclasses
+
+    from denseseg.config import _RULES, Config
+
+    keys = {
+        f"{sec.name}.{f.name}"
+        for sec in dataclasses.fields(Config)
+        for f in dataclasses.fields(getattr(Config(), sec.name))
+    }
+    assert keys == set(_RULES)
+    load_config(None)  # the defaults pass their own rules
+
+
+def test_override_names_the_recipe_when_a_section_is_not_a_mapping(tmp_path: Path) -> None:
+    f = tmp_path / "r.yaml"
+    f.write_text("optim: 3\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml: optim must be a mapping"):
+        load_config(f, ["optim.lr=0.1"])

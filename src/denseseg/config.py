@@ -9,6 +9,10 @@ the file instead of being silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import reprlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,61 +189,247 @@ def _section_class(name: str) -> type:
     }[name]
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
-    """Build a :class:`Config` from a nested dict, rejecting unknown sections and keys.
+# ----------------------------------------------------------------------------- value rules
+@dataclass(frozen=True)
+class _Rule:
+    """How one recipe key is checked: ``what`` completes "<key> must be ...", ``convert``
+    returns the value to keep (``"1e-3"`` -> ``0.001``) or raises ValueError."""
+
+    what: str
+    convert: Callable[[Any], Any]
+
+
+def _to_float(value: Any) -> float:
+    # Strings too: PyYAML reads exponents without a dot (1e-3) as strings. NaN/inf refused.
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError
+    return number
+
+
+def _to_int(value: Any) -> int:
+    # Whole numbers written as floats (3.0, 1e5) become ints; 2.5 is refused.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value)
+    number = _to_float(value)
+    if not number.is_integer():
+        raise ValueError
+    return int(number)
+
+
+def _checked(convert: Callable[[Any], Any], ok: Callable[[Any], bool]) -> Callable[[Any], Any]:
+    def run(value: Any) -> Any:
+        out = convert(value)
+        if not ok(out):
+            raise ValueError
+        return out
+
+    return run
+
+
+def _real(what: str = "", ok: Callable[[float], bool] = lambda x: True) -> _Rule:
+    return _Rule(f"a number {what}".strip(), _checked(_to_float, ok))
+
+
+def _int(minimum: int, below: int | None = None) -> _Rule:
+    if below is None:
+        return _Rule(f"an integer >= {minimum}", _checked(_to_int, lambda x: x >= minimum))
+    return _Rule(
+        f"an integer in [{minimum}, {below})", _checked(_to_int, lambda x: minimum <= x < below)
+    )
+
+
+def _list(what: str, item: _Rule, n: int | None = None, ok=lambda xs: True) -> _Rule:
+    def run(value: Any) -> list:
+        if not isinstance(value, (list, tuple)) or n not in (None, len(value)):
+            raise ValueError
+        return [item.convert(v) for v in value]
+
+    return _Rule(what, _checked(run, ok))
+
+
+def _optional(rule: _Rule, what: str = "") -> _Rule:
+    return _Rule(what or f"null or {rule.what}", lambda v: None if v is None else rule.convert(v))
+
+
+def _typed(what: str, *types: type, ok=lambda v: True) -> _Rule:
+    # bool is a subclass of int, so isinstance alone would let true pass for an int.
+    def fits(value: Any) -> bool:
+        plain_bool = isinstance(value, bool) and bool not in types
+        return not plain_bool and isinstance(value, types) and ok(value)
+
+    return _Rule(what, _checked(lambda v: v, fits))
+
+
+def _size(value: Any) -> int | list[int]:
+    # A short side, or [long, short] (mmseg's keep-ratio sizes).
+    side = _int(1)
+    if isinstance(value, (list, tuple)) and len(value) in (1, 2):
+        return [side.convert(v) for v in value]
+    return side.convert(value)
+
+
+def _crop(value: Any) -> list[int]:
+    # One integer is a square crop, as RandomCrop takes it.
+    side = _int(1)
+    if isinstance(value, (list, tuple)):
+        return _list("", side, 2).convert(value)
+    return [side.convert(value)] * 2
+
+
+def _ascending(xs: list[float]) -> bool:
+    return all(a < b for a, b in zip(xs, xs[1:]))
+
+
+_TEXT = _typed("non-empty text", str, ok=lambda s: bool(s.strip()))
+_MAPPING = _typed("a mapping ({key: value, ...})", dict)
+_BOOL = _typed("true or false", bool)
+_UNIT = _real("in [0, 1)", lambda x: 0 <= x < 1)
+_NON_NEGATIVE = _real(">= 0", lambda x: x >= 0)
+_POSITIVE = _real("> 0", lambda x: x > 0)
+_DEVICES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+_SIZE = _optional(_Rule("", _size), "null, a short side or [long, short] (integers >= 1)")
+_CLASS_WEIGHTS = _Rule(
+    "", lambda v: v if isinstance(v, str) else _list("", _NON_NEGATIVE).convert(v)
+)
+
+_RULES: dict[str, _Rule] = {
+    "model.name": _TEXT,
+    "model.kwargs": _MAPPING,
+    "model.weights": _optional(_TEXT, "null or a weights file path"),
+    "data.dataset": _TEXT,
+    "data.root": _optional(_TEXT, "null or a folder path"),
+    "data.train_split": _TEXT,
+    "data.val_split": _TEXT,
+    "data.crop_size": _optional(_Rule("", _crop), "null or [height, width] (integers >= 1)"),
+    "data.scale_range": _optional(
+        _list("two numbers 0 < low <= high", _POSITIVE, 2, lambda xs: xs[0] <= xs[1])
+    ),
+    "data.base_size": _SIZE,
+    "data.eval_resize": _SIZE,
+    "data.cat_max_ratio": _real("in (0, 1]", lambda x: 0 < x <= 1),
+    "data.hflip": _BOOL,
+    "data.photometric": _BOOL,
+    "data.elastic": _optional(
+        _typed("", bool, dict), "null, true, false or a mapping {sigma: ..., grid: ...}"
+    ),
+    "data.mean": _optional(_list("a list of numbers", _real(), ok=bool)),
+    "data.std": _optional(_list("a list of numbers > 0", _POSITIVE, ok=bool)),
+    "data.batch_size": _int(1),
+    "data.eval_batch_size": _int(1),
+    "data.num_workers": _int(0),
+    "data.demo": _MAPPING,
+    "data.options": _MAPPING,
+    "loss.name": _TEXT,
+    "loss.class_weights": _optional(
+        _CLASS_WEIGHTS, "null, median_frequency or a list of numbers >= 0 (one per class)"
+    ),
+    "loss.dice_weight": _NON_NEGATIVE,
+    "loss.aux_weight": _NON_NEGATIVE,
+    "loss.weight_map": _optional(
+        _typed("", str, dict), "null, unet or a mapping {name: unet, w0: ..., sigma: ...}"
+    ),
+    "optim.name": _TEXT,
+    "optim.lr": _POSITIVE,
+    "optim.momentum": _UNIT,
+    "optim.nesterov": _BOOL,
+    "optim.betas": _list("two numbers in [0, 1)", _UNIT, 2),
+    "optim.weight_decay": _NON_NEGATIVE,
+    "optim.no_decay_norm_bias": _BOOL,
+    "optim.backbone_lr_mult": _NON_NEGATIVE,
+    "optim.freeze_backbone": _BOOL,
+    # A negative value would flip the gradients (gradient ascent).
+    "optim.grad_clip": _optional(_NON_NEGATIVE, "null, 0 (both: no clipping) or a number > 0"),
+    "schedule.name": _TEXT,
+    "schedule.power": _NON_NEGATIVE,
+    "schedule.warmup_steps": _int(0),
+    "schedule.warmup_factor": _real("in (0, 1]", lambda x: 0 < x <= 1),
+    "schedule.min_lr": _NON_NEGATIVE,
+    "schedule.milestones": _list(
+        "a list of ascending fractions of train.max_steps, each in (0, 1)",
+        _real("", lambda x: 0 < x < 1),
+        ok=_ascending,
+    ),
+    "schedule.gamma": _POSITIVE,
+    "train.max_steps": _int(1),
+    "train.eval_every": _int(0),
+    "train.log_every": _int(1),
+    "train.ckpt_every": _int(0),
+    "train.keep_last": _int(0),
+    # Seeds are mixed with step counts into torch's 64-bit generator seeds.
+    "train.seed": _int(0, 2**32),
+    "train.deterministic": _BOOL,
+    "train.amp": _BOOL,
+    "train.device": _typed(
+        "one of auto, cpu, cuda, cuda:N, mps", str, ok=lambda s: bool(_DEVICES.fullmatch(s))
+    ),
+    "train.out_dir": _typed("a folder path (not empty)", str, ok=lambda s: bool(s.strip())),
+    "train.tensorboard": _BOOL,
+    "train.progress": _BOOL,
+    "train.precise_bn": _int(0),
+}
+# Keys whose command-line value is kept as typed (train.out_dir=2024-01-01 is a folder name,
+# not a date; data.root=010 is not the number 8).
+_TEXT_KEYS = {"model.weights", "data.root", "data.train_split", "data.val_split", "train.out_dir"}
+
+
+def _validate(cfg: Config, source: str, overridden: set[str]) -> None:
+    """Check every key against its rule in :data:`_RULES` and keep the converted value."""
+    for key, rule in _RULES.items():
+        sec, name = key.split(".")
+        obj = getattr(cfg, sec)
+        value = getattr(obj, name)
+        try:
+            setattr(obj, name, rule.convert(value))
+        except (ValueError, TypeError, OverflowError):
+            origin = " (from the command line)" if key in overridden else ""
+            raise ConfigError(
+                f"{source}: {key} must be {rule.what}, got {reprlib.repr(value)}{origin}"
+            ) from None
+
+
+# ----------------------------------------------------------------------------- loading
+def config_from_dict(
+    raw: dict[str, Any], source: str = "<dict>", overridden: set[str] | None = None
+) -> Config:
+    """Build a :class:`Config` from a nested dict, rejecting unknown sections and keys and
+    values outside their range (see :data:`_RULES`).
 
     Args:
         raw: ``{"model": {...}, "train": {...}, ...}``; missing sections take their defaults.
         source: the file name used in error messages.
+        overridden: dotted keys set on the command line (error messages say so).
     """
     if not isinstance(raw, dict):
         raise ConfigError(
-            f"{source}: a recipe must be a mapping of sections, got {type(raw).__name__}"
+            f"{source}: a recipe must be a mapping of sections (model:, data:, ...), "
+            f"got {type(raw).__name__}"
         )
-    sections: dict[str, Any] = {}
-    for sec, values in raw.items():
-        if sec not in _SECTIONS:
-            raise ConfigError(
-                f"{source}: unknown section {sec!r}; sections are {', '.join(_SECTIONS)}"
-            )
-        cls = _section_class(sec)
-        values = values or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{source}: section {sec!r} must be a mapping")
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in known:
-                raise ConfigError(
-                    f"{source}: unknown option {sec}.{key}; options of {sec!r} are "
-                    f"{', '.join(sorted(known))}"
-                )
-        sections[sec] = cls(**values)
+    sections = {sec: _section(sec, values, source) for sec, values in raw.items()}
     cfg = Config(**sections)
-    _check_types(cfg, source)
+    _validate(cfg, source, overridden or set())
     return cfg
 
 
-def _check_types(cfg: Config, source: str) -> None:
-    """Catch the common slip of a string where a number belongs (``lr: 1e-3`` is fine in YAML 1.2
-    but PyYAML reads it as a string)."""
-    for sec in dataclasses.fields(cfg):
-        obj = getattr(cfg, sec.name)
-        defaults = type(obj)()
-        for f in dataclasses.fields(obj):
-            val, ref = getattr(obj, f.name), getattr(defaults, f.name)
-            if isinstance(ref, bool) and not isinstance(val, bool):
-                raise ConfigError(
-                    f"{source}: {sec.name}.{f.name} must be true or false, got {val!r}"
-                )
-            if isinstance(ref, float) and isinstance(val, str):
-                try:
-                    setattr(obj, f.name, float(val))
-                except ValueError:
-                    raise ConfigError(
-                        f"{source}: {sec.name}.{f.name} must be a number, got {val!r}"
-                    ) from None
-            elif isinstance(ref, int) and not isinstance(ref, bool) and not isinstance(val, int):
-                raise ConfigError(f"{source}: {sec.name}.{f.name} must be an integer, got {val!r}")
+def _section(sec: Any, values: Any, source: str) -> Any:
+    if sec not in _SECTIONS:
+        raise ConfigError(f"{source}: unknown section {sec!r}; sections are {', '.join(_SECTIONS)}")
+    cls = _section_class(sec)
+    values = {} if values is None else values
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: section {sec!r} must be a mapping")
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(
+                f"{source}: unknown option {sec}.{key}; options of {sec!r} are "
+                f"{', '.join(sorted(known))}"
+            )
+    return cls(**values)
 
 
 def resolve_recipe_path(name_or_path: str | Path) -> Path:
@@ -257,7 +447,8 @@ def resolve_recipe_path(name_or_path: str | Path) -> Path:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"optim.lr=0.02"`` -> (["optim", "lr"], 0.02); the value is parsed as YAML."""
+    """``"optim.lr=0.02"`` -> (["optim", "lr"], 0.02); the value is parsed as YAML (path keys
+    such as ``train.out_dir`` keep any text as typed)."""
     if "=" not in text:
         raise ConfigError(
             f"override {text!r} must look like section.key=value (e.g. optim.lr=0.02)"
@@ -268,21 +459,56 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r}: the key must be section.key (e.g. train.max_steps)")
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         parsed = value
+    if ".".join(parts) in _TEXT_KEYS and not isinstance(parsed, (str, type(None))):
+        parsed = value.strip()
     return parts, parsed
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply dotted ``key=value`` overrides to a nested dict (in place) and return it."""
+def apply_overrides(
+    raw: dict[str, Any], overrides: list[str], source: str = "<overrides>"
+) -> dict[str, Any]:
+    """Apply dotted ``key=value`` overrides to a nested dict (in place) and return it;
+    ``source`` (the recipe file) is named when a key's parent is not a mapping."""
     for text in overrides:
         parts, value = parse_override(text)
         node = raw
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
+        for depth, p in enumerate(parts[:-1], 1):
+            if node.get(p) is None:  # absent, or an empty section ("train:")
+                node[p] = {}
+            node = node[p]
             if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {p!r} is not a section")
+                raise ConfigError(
+                    f"{source}: {'.'.join(parts[:depth])} must be a mapping to take the "
+                    f"override {text!r}, got {reprlib.repr(node)}"
+                )
         node[parts[-1]] = value
+    return raw
+
+
+def _read_recipe(file: Path) -> dict[str, Any]:
+    """The recipe file's mapping ({} for an empty file); one ConfigError naming it otherwise."""
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{file}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read the recipe ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)  # safe: tags such as !!python/object are refused
+    except (yaml.YAMLError, RecursionError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "parse error"
+        raise ConfigError(f"{file}: not valid YAML ({first})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{file}: a recipe must be a mapping of sections (model:, data:, ...), "
+            f"got {type(raw).__name__}"
+        )
     return raw
 
 
@@ -301,13 +527,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         file = resolve_recipe_path(path)
         source = str(file)
-        try:
-            raw = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as exc:
-            first = str(exc).splitlines()[0] if str(exc) else "parse error"
-            raise ConfigError(f"{source}: not valid YAML ({first})") from None
-    apply_overrides(raw, list(overrides or []))
-    return config_from_dict(raw, source)
+        raw = _read_recipe(file)
+    overrides = list(overrides or [])
+    apply_overrides(raw, overrides, source)
+    overridden = {".".join(parse_override(o)[0][:2]) for o in overrides}
+    return config_from_dict(raw, source, overridden)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
