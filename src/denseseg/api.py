@@ -10,7 +10,6 @@ import torch
 from denseseg.engine.checkpoint import load_checkpoint, unwrap_state_dict
 from denseseg.errors import CheckpointError, ConfigError
 from denseseg.inference.segmenter import Segmenter, resolve_device
-from denseseg.models import create_model
 
 
 def load_model(
@@ -22,7 +21,8 @@ def load_model(
     palette, normalisation and input channels. When ``path`` is not an existing file but the
     name of a built-in model (:func:`denseseg.pretrained.list_builtin`, e.g. ``"camvid"``), the
     packaged weights are loaded instead (safetensors, cast to float32), with the inference mode
-    they were packed with.
+    they were packed with. Only an existing regular file wins over a built-in name: a folder
+    named ``camvid`` in the working directory does not hide the built-in ``camvid``.
 
     Args:
         path: a checkpoint written by ``denseseg train`` (``last.pt``, ``best.pt``) or a
@@ -35,15 +35,15 @@ def load_model(
         :class:`~denseseg.inference.instance.InstanceSegmenter`.
 
     Raises:
-        CheckpointError: ``path`` is neither a readable checkpoint nor a built-in name.
+        CheckpointError: ``path`` is neither a readable checkpoint nor a built-in name, or its
+            weights do not fit the model options stored beside them.
     """
-    if not Path(path).exists():
-        from denseseg.pretrained import builtin_files, load_builtin, unknown_model_message
+    from denseseg.pretrained import model_from_state
 
-        # An existing path always wins, so a local file named like a built-in stays loadable.
-        if builtin_files(str(path)) is not None:
-            return load_builtin(str(path), device=device, **segmenter_kwargs)
-        raise CheckpointError(unknown_model_message(str(path)))
+    if not _is_checkpoint_file(path):
+        from denseseg.pretrained import load_builtin
+
+        return load_builtin(str(path), device=device, **segmenter_kwargs)
     ckpt = load_checkpoint(path)
     missing = [k for k in ("model_name", "model_kwargs", "mean", "std") if k not in ckpt]
     if missing:
@@ -51,8 +51,11 @@ def load_model(
             f"{path} lacks {', '.join(missing)}: it is a bare state_dict, not a denseseg "
             "checkpoint; give it as model.weights in a recipe instead"
         )
-    model = create_model(ckpt["model_name"], **ckpt["model_kwargs"])
-    model.load_state_dict(unwrap_state_dict(ckpt))
+    try:
+        state = unwrap_state_dict(ckpt)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    model = model_from_state(ckpt["model_name"], ckpt["model_kwargs"], state, path)
     if getattr(model, "task", "semantic") == "instance":
         from denseseg.inference.instance import InstanceSegmenter
 
@@ -94,3 +97,27 @@ def load_model(
         },
         **segmenter_kwargs,
     )
+
+
+def _is_checkpoint_file(path: str | Path) -> bool:
+    """Whether ``path`` names a checkpoint file rather than a built-in model.
+
+    Raises:
+        CheckpointError: ``path`` is neither an existing file nor a built-in name.
+    """
+    from denseseg.pretrained import builtin_files, unknown_model_message
+
+    if not str(path).strip():
+        raise CheckpointError("the model path is empty; give a .pt file or a built-in model name")
+    p = Path(path)
+    if p.is_file():
+        return True
+    if builtin_files(str(path)) is not None:
+        return False
+    if p.exists():
+        kind = "a folder" if p.is_dir() else "not a regular file"
+        raise CheckpointError(
+            f"{path} is not a checkpoint file ({kind}); give the path of a .pt file or a "
+            "built-in model name"
+        )
+    raise CheckpointError(unknown_model_message(str(path)))

@@ -7,26 +7,49 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import math
+import os
 import shutil
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from tqdm.auto import tqdm
 
-from denseseg.errors import DensesegError
+from denseseg.errors import ConfigError, DataError, DensesegError
 
 if TYPE_CHECKING:
     from denseseg.config import DataCfg
+    from denseseg.inference.segmenter import Segmenter
 
 log = logging.getLogger("denseseg")
+
+
+def _printable(text: str, stream: TextIO) -> str:
+    """``text`` as ``stream`` can print it: undecodable bytes of file names (kept by Python as
+    surrogates) as ``\\xff``, characters the terminal's encoding lacks as ``\\u00e9``."""
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    try:
+        return text.encode(encoding, "backslashreplace").decode(encoding, "replace")
+    except LookupError:
+        return text
+
+
+def _say(text: str) -> None:
+    print(_printable(text, sys.stdout))
 
 
 class _TqdmHandler(logging.Handler):
     # Log lines through tqdm.write so they do not tear the progress bar.
     def emit(self, record: logging.LogRecord) -> None:
-        tqdm.write(self.format(record), file=sys.stderr)
+        tqdm.write(_printable(self.format(record), sys.stderr), file=sys.stderr)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -50,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = f"; val mask AP {100 * m['segm_AP']:.2f}%"
     else:
         summary = f"; val mIoU {100 * m['mIoU']:.2f}%" if m else ""
-    print(f"trained {result['step']} steps{summary}; checkpoints in {result['out_dir']}")
+    _say(f"trained {result['step']} steps{summary}; checkpoints in {result['out_dir']}")
     return 0
 
 
@@ -59,10 +82,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from denseseg.api import load_model
     from denseseg.data.registry import get_dataset
     from denseseg.engine.evaluate import evaluate
-    from denseseg.errors import DataError
     from denseseg.metrics import format_table, save_results
     from denseseg.viz import plot_confusion_matrix, plot_per_class_iou
 
+    _check_json_path(args.json)
+    out = Path(args.out)
+    _check_out_folder(out, f"--out {out}")
     seg = load_model(args.model, device=args.device, **_tta_option(args))
     if getattr(seg, "task", "semantic") == "instance":
         from denseseg.engine.instance import run_instance_eval
@@ -77,7 +102,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             num_workers=args.workers,
         )
-        print(f"wrote {path}")
+        _say(f"wrote {path}")
         return 0
     ds = get_dataset(args.dataset, args.root, args.split, **_reader_options(args.option))
     if ds.num_classes != seg.num_classes:
@@ -89,13 +114,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seg, ds, batch_size=args.batch_size, num_workers=args.workers, absent=args.absent
     )
     results = metrics.compute()
-    print(format_table(results, seg.class_names))
-    out = Path(args.out)
+    _say(format_table(results, seg.class_names))
     out.mkdir(parents=True, exist_ok=True)
     written = save_results(results, seg.class_names, out, confusion=metrics.confusion)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(written["json"], args.json)
+        _copy_file(Path(written["json"]), Path(args.json))
     plot_confusion_matrix(metrics.confusion, seg.class_names, out / "confusion_matrix.png")
     plot_per_class_iou(
         results["IoU"],
@@ -104,8 +127,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
         title=f"{args.split}",
         palette=seg.palette,
     )
-    print(f"wrote {out}/metrics.json, per_class.csv, confusion_matrix.png, per_class_iou.png")
+    _say(f"wrote {out}/metrics.json, per_class.csv, confusion_matrix.png, per_class_iou.png")
     return 0
+
+
+def _check_json_path(path: str | None) -> None:
+    """Refuse an ``--json`` that is a folder (or names one) before any work is done."""
+    if path is None:
+        return
+    if not path or Path(path).is_dir() or path.endswith(("/", os.sep)):
+        raise ConfigError(
+            f"--json {path!r} is not a file path; give a file to write, e.g. "
+            f"{Path(path or '.') / 'metrics.json'}"
+        )
+    _check_out_folder(Path(path).parent, f"--json {path}")
+
+
+def _check_out_folder(folder: Path, option: str) -> None:
+    """Refuse an output folder that is a file or lies under one, before any work is done.
+
+    Args:
+        folder: the folder to write into (it may not exist yet).
+        option: the option and value named in the error, e.g. ``"--out runs/x"``.
+    """
+    for part in (folder, *folder.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise ConfigError(f"{option}: {part} is a file, not a folder; choose another")
+            return
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    if dst.exists() and os.path.samefile(src, dst):
+        return  # --json names the metrics.json already written
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
 
 
 # ---------------------------------------------------------------------------- predict
@@ -113,55 +169,187 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def _list_inputs(path: Path) -> list[Path]:
-    from denseseg.errors import DataError
-
+    """The image files to segment: ``path`` itself, or the images in the folder ``path``
+    (hidden files, whose names start with ``.``, are skipped)."""
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        files = [p for p in found if not p.name.startswith(".") and p.is_file()]
+        hidden = [p.name for p in found if p.name.startswith(".")]
+        if hidden:
+            log.info("skipped %d hidden file(s) in %s: %s", len(hidden), path, ", ".join(hidden))
         if not files:
             raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) in folder {path}")
         return files
     raise DataError(f"input {path} does not exist; give an image file or a folder of images")
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    import numpy as np
+def _refuse_out_in_input(source: Path, out: Path) -> None:
+    """Refuse an output folder that is the input folder (or lies inside it), or that is the
+    folder of the input file: predictions would land among, or over, the images."""
+    dst = out.resolve()
+    if source.is_dir():
+        src = source.resolve()
+        if dst == src or src in dst.parents:
+            where = "is" if dst == src else "lies inside"
+            raise ConfigError(
+                f"--out {out} {where} the input folder {source}; predictions would be written "
+                "among (or over) the images: choose an --out outside it"
+            )
+        return
+    folders = {source.resolve().parent, source.absolute().parent.resolve()}
+    if dst in folders:
+        raise ConfigError(
+            f"--out {out} is the folder of the input {source}; predictions would be written "
+            "among (or over) the images: choose another --out"
+        )
 
+
+def _output_stem(path: Path) -> str:
+    # Leading dots would hide the outputs, and "..png" would lose its suffix ("_.png").
+    return path.stem.lstrip(".") or "_"
+
+
+def _plan_outputs(
+    files: Sequence[Path], out: Path, instance: bool, probs: bool
+) -> dict[Path, list[Path]]:
+    """The files each input gets in ``out``; refuses two inputs that would share one.
+
+    Semantic models: ``STEM.png`` (label map), ``STEM_overlay.png`` and, with ``probs``,
+    ``STEM_probs.npy``; instance models: ``STEM_instances.png``.
+    """
+    owner: dict[str, Path] = {}
+    plan = {}
+    for path in files:
+        stem = _output_stem(path)
+        names = [f"{stem}_instances.png"] if instance else [f"{stem}.png", f"{stem}_overlay.png"]
+        if probs and not instance:
+            names.append(f"{stem}_probs.npy")
+        for name in names:
+            first = owner.setdefault(os.path.normcase(name), path)
+            if first != path:
+                raise ConfigError(
+                    f"inputs {first} and {path} would both be written as {out / name}; rename "
+                    "one of them or predict them separately"
+                )
+        plan[path] = [out / name for name in names]
+    return plan
+
+
+class _NoClobber:
+    """Refuses to write over an input image, or over a file this run has already written.
+
+    Files are told apart by device and inode, so a symlink or hard link to an input, and
+    names a case-insensitive folder takes as one file, are caught too. Called with each
+    output just before it is written; the previous output is recorded then.
+    """
+
+    def __init__(self, inputs: Sequence[Path]) -> None:
+        self.owner: dict[tuple[int, int], str] = {}
+        for path in inputs:
+            self._record(path, f"the input image {path}")
+        self.pending: tuple[Path, str] | None = None
+
+    def __call__(self, target: Path, source: Path | None = None) -> None:
+        if self.pending is not None:
+            self._record(*self.pending)
+        self.check(target)
+        self.pending = (target, f"written a moment ago for {source or 'this run'}")
+
+    def check(self, target: Path) -> None:
+        key = _file_key(target)
+        what = self.owner.get(key) if key is not None else None
+        if what is not None:
+            raise DataError(
+                f"will not write {target}: it is {what}; rename one of the inputs or choose "
+                "another --out"
+            )
+
+    def _record(self, path: Path, what: str) -> None:
+        key = _file_key(path)
+        if key is not None:
+            self.owner.setdefault(key, what)
+
+
+def _file_key(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
     from denseseg.api import load_model
-    from denseseg.data.io import read_image, write_image, write_mask
-    from denseseg.data.palette import overlay
 
     fast = {"fast": True} if args.fast else {}
     seg = load_model(
         args.model, device=args.device, threshold=args.threshold, **fast, **_tta_option(args)
     )
-    files = _list_inputs(Path(args.input))
-    out = Path(args.out)
+    source, out = Path(args.input), Path(args.out)
+    files = _list_inputs(source)
+    _check_out_folder(out, f"--out {out}")
+    _refuse_out_in_input(source, out)
+    instance = getattr(seg, "task", "semantic") == "instance"
+    plan = _plan_outputs(files, out, instance, args.probs)
+    guard = _NoClobber(files)
+    for targets in plan.values():
+        for target in targets:
+            guard.check(target)
     out.mkdir(parents=True, exist_ok=True)
-    if getattr(seg, "task", "semantic") == "instance":
+    if instance:
         from denseseg.engine.instance import predict_instances
 
-        path = predict_instances(seg, files, out, batch_size=args.batch_size, alpha=args.alpha)
-        print(f"wrote {len(files)} instance pictures and {path.name} to {out}")
+        path = predict_instances(
+            seg,
+            files,
+            out,
+            batch_size=args.batch_size,
+            alpha=args.alpha,
+            picture_names=[plan[f][0].name for f in files],
+            before_write=guard,
+        )
+        _say(f"wrote {len(files)} instance pictures and {path.name} to {out}")
         return 0
-    bar = tqdm(total=len(files), desc="predict", unit="img", dynamic_ncols=True)
-    for i in range(0, len(files), args.batch_size):
-        chunk = files[i : i + args.batch_size]
-        images = [read_image(p) for p in chunk]
-        labels, probs = seg.predict_batch(images, return_probs=args.probs)
-        for k, (path, image, label) in enumerate(zip(chunk, images, labels)):
-            write_mask(out / f"{path.stem}.png", label, palette=seg.palette)
-            write_image(
-                out / f"{path.stem}_overlay.png",
-                overlay(image, label, seg.palette, alpha=args.alpha),
-            )
-            if probs is not None:
-                np.save(out / f"{path.stem}_probs.npy", probs[k].numpy().astype(np.float16))
-        bar.update(len(chunk))
-    bar.close()
-    print(f"wrote {len(files)} label maps and overlays to {out}")
+    n = _predict_semantic(seg, files, plan, args, guard)
+    what = "label maps, overlays and probabilities" if args.probs else "label maps and overlays"
+    _say(f"wrote the {what} of {n} image(s) to {out}")
     return 0
+
+
+def _predict_semantic(
+    seg: Segmenter,
+    files: Sequence[Path],
+    plan: dict[Path, list[Path]],
+    args: argparse.Namespace,
+    guard: Callable[[Path, Path], None],
+) -> int:
+    """Write each input's label map, overlay (and probabilities); returns how many inputs."""
+    import numpy as np
+
+    from denseseg.data.io import atomic_write, read_image, write_image, write_mask
+    from denseseg.data.palette import overlay
+
+    written = 0
+    with tqdm(total=len(files), desc="predict", unit="img", dynamic_ncols=True) as bar:
+        for i in range(0, len(files), args.batch_size):
+            chunk = files[i : i + args.batch_size]
+            images = [read_image(p) for p in chunk]
+            labels, probs = seg.predict_batch(images, return_probs=args.probs)
+            for k, (path, image, label) in enumerate(zip(chunk, images, labels)):
+                label_path, overlay_path, *probs_path = plan[path]
+                guard(label_path, path)
+                write_mask(label_path, label, palette=seg.palette)
+                guard(overlay_path, path)
+                write_image(overlay_path, overlay(image, label, seg.palette, alpha=args.alpha))
+                if probs is not None:
+                    guard(probs_path[0], path)
+                    with atomic_write(probs_path[0], "probabilities") as fh:
+                        np.save(fh, probs[k].numpy().astype(np.float16))
+                written += 1
+            bar.update(len(chunk))
+    return written
 
 
 # ---------------------------------------------------------------------------- demo
@@ -188,16 +376,17 @@ def cmd_pack(args: argparse.Namespace) -> int:
         extra_meta=extra,
         precise_bn=args.precise_bn,
         data_root=args.root,
+        force=args.force,
     )
     size = files["weights"].stat().st_size / 2**20
-    print(f"wrote {files['weights']} ({size:.1f} MiB) and {files['json']}")
+    _say(f"wrote {files['weights']} ({size:.1f} MiB) and {files['json']}")
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     from denseseg.models import list_models
 
-    print("\n".join(list_models()))
+    _say("\n".join(list_models()))
     return 0
 
 
@@ -205,7 +394,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 def _data_source(args: argparse.Namespace) -> tuple[str, str | None, dict, DataCfg]:
     """(dataset, root, format options, DataCfg) from a recipe and/or --dataset/--root."""
     from denseseg.config import DataCfg, load_config
-    from denseseg.errors import ConfigError
 
     if args.config is None and args.dataset is None:
         raise ConfigError("give a recipe (CONFIG) or --dataset (and --root)")
@@ -224,15 +412,15 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     if splits is None and args.config:
         splits = [s for s in (dc.train_split, dc.val_split) if s]
     report = check_dataset(dataset, root, splits, options=options, progress=not args.no_progress)
-    print(format_report(report))
+    _say(format_report(report))
     plot = plot_class_histogram(report, args.plot)
-    print(f"\nwrote {plot}")
+    _say(f"\nwrote {plot}")
     problems = report.problems
     if problems:
-        print(f"\n{len(problems)} problem(s):")
-        print("\n".join(problems))
+        _say(f"\n{len(problems)} problem(s):")
+        _say("\n".join(problems))
         return 1
-    print("no problems found")
+    _say("no problems found")
     return 0
 
 
@@ -252,7 +440,7 @@ def cmd_browse(args: argparse.Namespace) -> int:
             True, mean=mean, std=std, ignore_index=ds.ignore_index, **dc.transform_kwargs()
         )
     out = browse(ds, args.out, n=args.n, transform=transform, mean=mean, std=std, seed=args.seed)
-    print(f"wrote {out} ({min(args.n, len(ds))} samples of {dataset} {split})")
+    _say(f"wrote {out} ({min(args.n, len(ds))} samples of {dataset} {split})")
     return 0
 
 
@@ -277,8 +465,54 @@ def _add_data_source(parser: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose errors (bad type, unknown option, missing argument) are one
+    line ``denseseg: error: ...`` and exit status 2, without the usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        line = f"denseseg: error: {message} (see {self.prog} --help)"
+        print(_printable(line, sys.stderr), file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"needs a whole number >= {low}, got {text!r}"
+            ) from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"needs a whole number >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"needs a number from 0 to 1, got {text!r}")
+    return value
+
+
+def _path(text: str) -> str:
+    # An empty value (an unset shell variable: --out "$OUT") would mean the current folder.
+    if not text.strip():
+        raise argparse.ArgumentTypeError("needs a path, got an empty string")
+    return text
+
+
+_BATCH = _int_at_least(1)
+_WORKERS = _int_at_least(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="denseseg", description="Semantic segmentation toolkit.")
+    p = _Parser(prog="denseseg", description="Semantic segmentation toolkit.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -310,10 +544,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="reader option (repeatable), as a recipe's data.options, e.g. val_slices=[4,9]",
     )
-    e.add_argument("--out", default="runs/eval", help="folder for metrics and pictures")
-    e.add_argument("--json", default=None, help="also write the metrics JSON to this file")
-    e.add_argument("--batch-size", type=int, default=4)
-    e.add_argument("--workers", type=int, default=0)
+    e.add_argument("--out", type=_path, default="runs/eval", help="folder for metrics and pictures")
+    e.add_argument(
+        "--json", type=_path, default=None, help="also write the metrics JSON to this file"
+    )
+    e.add_argument("--batch-size", type=_BATCH, default=4, help="images per forward pass (>= 1)")
+    e.add_argument("--workers", type=_WORKERS, default=0, help="data loader processes (>= 0)")
     e.add_argument(
         "--absent",
         default="nan",
@@ -324,7 +560,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tta(e)
     e.set_defaults(func=cmd_eval)
 
-    r = sub.add_parser("predict", help="segment an image or a folder of images")
+    r = sub.add_parser(
+        "predict",
+        help="segment an image or a folder of images",
+        description="Segment an image or the images of a folder (hidden files skipped). Each "
+        "input STEM.EXT gets STEM.png (palette label map), STEM_overlay.png and, with --probs, "
+        "STEM_probs.npy in --out; an instance model gives STEM_instances.png and results.json. "
+        "Two inputs that would share an output name (a.png and a.jpg; b.png and "
+        "b_overlay.png) are refused, naming both, and so is an --out that is, or lies inside, "
+        "the input folder: no input file is ever overwritten.",
+    )
     r.add_argument("input", help="image file or folder")
     r.add_argument(
         "--model",
@@ -334,17 +579,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--fast", action="store_true", help="frozen TorchScript traces: the fastest CPU path"
     )
-    r.add_argument("--out", default="runs/predict", help="output folder")
+    r.add_argument(
+        "--out", type=_path, default="runs/predict", help="output folder, outside the input folder"
+    )
     r.add_argument("--probs", action="store_true", help="also save class probabilities (.npy)")
-    r.add_argument("--batch-size", type=int, default=4)
-    r.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
-    r.add_argument("--threshold", type=float, default=0.5, help="binary models' threshold")
+    r.add_argument("--batch-size", type=_BATCH, default=4, help="images per forward pass (>= 1)")
+    r.add_argument("--alpha", type=_fraction, default=0.5, help="overlay opacity, 0 to 1")
+    r.add_argument(
+        "--threshold", type=_fraction, default=0.5, help="binary models' threshold, 0 to 1"
+    )
     r.add_argument("--device", default="auto")
     _add_tta(r)
     r.set_defaults(func=cmd_predict)
 
     d = sub.add_parser("demo", help="train and compare pixelwise vs U-Net on the demo data")
-    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--out", type=_path, default="runs/demo")
     d.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests)")
     d.set_defaults(func=cmd_demo)
 
@@ -365,10 +614,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("browse", help="grid picture of samples with their masks overlaid")
     _add_data_source(b)
     b.add_argument("--split", default=None, help="split (default: the recipe's train split)")
-    b.add_argument("--n", type=int, default=16, help="number of samples")
+    b.add_argument("--n", type=_int_at_least(1), default=16, help="number of samples")
     b.add_argument("--augment", action="store_true", help="apply the recipe's train pipeline")
     b.add_argument("--seed", type=int, default=0, help="seed of the sample choice and augmentation")
-    b.add_argument("--out", default="runs/browse/grid.png", help="PNG file to write")
+    b.add_argument("--out", type=_path, default="runs/browse/grid.png", help="PNG file to write")
     b.set_defaults(func=cmd_browse)
 
     k = sub.add_parser("pack", help="package a checkpoint as a built-in model (developers)")
@@ -376,17 +625,27 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("name", help="built-in name, e.g. camvid")
     k.add_argument(
         "--out",
+        type=_path,
         default=None,
-        help="folder to write to (default: $DENSESEG_PRETRAINED_DIR, else the package)",
+        help="folder to write to (default: the first folder of $DENSESEG_PRETRAINED_DIR; "
+        "without either, pack refuses: it never writes into the installed package unasked)",
+    )
+    k.add_argument(
+        "--force",
+        action="store_true",
+        help="replace NAME.json/NAME.safetensors already in the folder, or shadow a model "
+        "shipped in the package (camvid, isbi2012) from another folder",
     )
     k.add_argument("--fp32", action="store_true", help="keep float32 weights (default float16)")
     k.add_argument("--mode", default="whole", choices=["whole", "overlap_tile"])
-    k.add_argument("--tile-size", type=int, default=None, help="tile side for overlap_tile")
+    k.add_argument(
+        "--tile-size", type=_int_at_least(1), default=None, help="tile side for overlap_tile"
+    )
     k.add_argument("--note", default=None, help="free text kept in the provenance")
     _add_tta(k, "test-time augmentation the built-in model uses by default (none)")
     k.add_argument(
         "--precise-bn",
-        type=int,
+        type=_WORKERS,
         default=0,
         metavar="N",
         help="recompute batch-norm statistics over N batches of the checkpoint's training data",
@@ -423,17 +682,53 @@ def _dataset_names() -> tuple[str, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``denseseg`` console script."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the ``denseseg`` console script.
+
+    Returns the exit status: 0, 1 (``check-data`` found problems), 2 (an error the user can
+    fix, a bad command line included, printed as one line ``denseseg: error: ...``), 130 or 143
+    (training stopped by SIGINT or SIGTERM after saving, or interrupted elsewhere).
+    """
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0), or a bad command line (its one line is printed)
+        return exc.code if isinstance(exc.code, int) else 2
     _setup_logging(args.verbose)
     try:
         return args.func(args)
     except DensesegError as exc:
-        print(f"denseseg: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
+        return _fail(_one_line(exc), getattr(exc, "exit_code", 2))
+    except OSError as exc:  # a read-only or full folder, an --out under a regular file, ...
+        return _fail(_os_error_line(exc))
     except KeyboardInterrupt:
         print("denseseg: interrupted", file=sys.stderr)
         return 130
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(_printable(f"denseseg: error: {message}", sys.stderr), file=sys.stderr)
+    return code
+
+
+_OS_HINTS = {
+    errno.EROFS: "choose a folder you can write to",
+    errno.EACCES: "check its permissions or choose another folder",
+    errno.EPERM: "check its permissions or choose another folder",
+    errno.ENOSPC: "free some space or choose another disk",
+    errno.EDQUOT: "free some space or choose another disk",
+    errno.ENOTDIR: "a part of that path is a file, not a folder",
+    errno.EISDIR: "it is a folder; give a file",
+    errno.ENOENT: "check the path",
+}
+
+
+def _os_error_line(exc: OSError) -> str:
+    """``PATH: reason; what to do`` for an OSError from the file system."""
+    name = exc.filename if exc.filename is not None else exc.filename2
+    where = os.fsdecode(name) if isinstance(name, bytes | str) else None
+    reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+    hint = _OS_HINTS.get(exc.errno or 0)
+    text = f"{where}: {reason}" if where is not None else reason
+    return f"{text}; {hint}" if hint else text
 
 
 def _one_line(exc: BaseException) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +273,8 @@ def predict_instances(
     batch_size: int = 2,
     alpha: float = 0.5,
     min_score: float = 0.5,
+    picture_names: Sequence[str] | None = None,
+    before_write: Callable[[Path, Path | None], None] | None = None,
 ) -> Path:
     """``denseseg predict`` for an instance checkpoint.
 
@@ -280,6 +282,12 @@ def predict_instances(
     scores of the detections scoring at least ``min_score``) and ``results.json``: every
     detection in COCO's results format (``image_id`` numbers the files from 1 in the order
     given; ``images`` in ``results_images.json`` maps ids to file names).
+
+    Args:
+        picture_names: the picture's file name for each of ``files`` (default
+            ``<stem>_instances.png``); the caller makes them unique.
+        before_write: called as ``before_write(path, input_file)`` before each file is written
+            (``input_file`` None for the results files); it raises to refuse the write.
 
     Returns:
         The path of ``results.json``.
@@ -289,6 +297,8 @@ def predict_instances(
 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
+    names = list(picture_names or [f"{p.stem}_instances.png" for p in files])
+    check = before_write or (lambda path, source: None)
     results: list[dict[str, Any]] = []
     images_meta = []
     cat_ids = segmenter.meta.get("category_ids")
@@ -313,10 +323,13 @@ def predict_instances(
                 class_names=segmenter.class_names,
                 alpha=alpha,
             )
-            write_image(folder / f"{path.stem}_instances.png", picture)
+            check(folder / names[image_id - 1], path)
+            write_image(folder / names[image_id - 1], picture)
         bar.update(len(chunk))
     bar.close()
+    check(folder / "results_images.json", None)
     (folder / "results_images.json").write_text(json.dumps(images_meta, indent=1))
     path = folder / "results.json"
+    check(path, None)
     path.write_text(json.dumps(results))
     return path

@@ -16,8 +16,10 @@ them, with no download and no dataset.
 
 Folders searched, in order: the ``directory`` argument where a function takes one, the folders
 in the environment variable ``DENSESEG_PRETRAINED_DIR`` (``os.pathsep``-separated; ``pack``
-writes into the first), then this package folder. Tests and users' own collections thereby never
-need to write into the installed package.
+writes into the first), then this package folder. ``pack`` never writes into the installed
+package unasked: without ``out_dir`` it needs the variable. A user model named like a model
+shipped in the package (``camvid``) is packed only with ``force=True``, and loading it logs a
+warning naming the file used. Loading checks the weights against the sha256 stored in the JSON.
 """
 
 from __future__ import annotations
@@ -25,16 +27,20 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import math
 import os
 import re
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from denseseg.errors import CheckpointError, ConfigError
+from denseseg.errors import CheckpointError, ConfigError, DensesegError
+
+log = logging.getLogger("denseseg")
 
 __all__ = [
     "ENV_VAR",
@@ -43,6 +49,7 @@ __all__ = [
     "builtin_files",
     "list_builtin",
     "load_builtin",
+    "model_from_state",
     "pack",
     "read_meta",
     "unknown_model_message",
@@ -57,6 +64,8 @@ FORMAT = "denseseg-pretrained/1"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
 # Checkpoint entries copied into the JSON as they are (all plain lists, numbers and strings).
 _META_KEYS = ("model_name", "model_kwargs", "mean", "std", "in_channels", "num_classes")
+# Keys a NAME.json must hold, with the type each must have.
+_REQUIRED = {"model_name": str, "model_kwargs": dict, "mean": list, "std": list, "sha256": str}
 
 
 def _search_dirs(directory: str | os.PathLike | None = None) -> list[Path]:
@@ -104,15 +113,28 @@ def read_meta(name: str, directory: str | os.PathLike | None = None) -> dict[str
     """The ``NAME.json`` of a built-in model as a dict.
 
     Raises:
-        CheckpointError: no built-in model has that name, or its JSON is unreadable.
+        CheckpointError: no built-in model has that name, its JSON is unreadable, or it lacks a
+            key loading needs (``model_name``, ``model_kwargs``, ``mean``, ``std``, ``sha256``).
     """
     files = builtin_files(name, directory)
     if files is None:
         raise CheckpointError(unknown_model_message(name, directory))
+    path = files[0]
     try:
-        return json.loads(files[0].read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"built-in model file {files[0]} is unreadable ({exc})") from None
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise CheckpointError(
+            f"built-in model file {path} is unreadable ({exc}); pack the model again"
+        ) from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"built-in model file {path} does not hold a JSON object")
+    for key, kind in _REQUIRED.items():
+        if not isinstance(meta.get(key), kind):
+            what = "lacks" if key not in meta else f"needs a {kind.__name__} as"
+            raise CheckpointError(
+                f"built-in model file {path} {what} key {key!r}; pack the model again"
+            )
+    return meta
 
 
 def unknown_model_message(name: str, directory: str | os.PathLike | None = None) -> str:
@@ -134,6 +156,7 @@ def pack(
     max_bytes: int = MAX_BYTES,
     precise_bn: int = 0,
     data_root: str | os.PathLike | None = None,
+    force: bool = False,
 ) -> dict[str, Path]:
     """Turn a training checkpoint into the built-in model ``name`` (two files).
 
@@ -143,8 +166,9 @@ def pack(
     Args:
         checkpoint_path: ``best.pt`` / ``last.pt`` written by ``denseseg train``.
         name: the built-in name (lower case letters, digits, ``_`` and ``-``).
-        out_dir: folder to write to; default the first folder of ``$DENSESEG_PRETRAINED_DIR``,
-            else the package folder.
+        out_dir: folder to write to; default the first folder of ``$DENSESEG_PRETRAINED_DIR``
+            (never the installed package unasked: pass the package folder to update a shipped
+            model).
         fp16: store float weights as float16.
         extra_meta: merged into the JSON; ``{"segmenter": {"mode": "overlap_tile",
             "tile_size": 572, "tta": "d4"}}`` sets the inference mode and test-time
@@ -155,12 +179,15 @@ def pack(
             checkpoint's own training recipe first (PreciseBN, :mod:`denseseg.engine.precise_bn`;
             the weights stay as trained); 0 packs the statistics as saved.
         data_root: the training data's folder for ``precise_bn``, when not the recipe's.
+        force: replace an existing ``NAME.json``/``NAME.safetensors`` in the folder, and allow
+            a name shipped in the package (``camvid``) in another folder, which then shadows it.
 
     Returns:
         ``{"json": Path, "weights": Path}``.
 
     Raises:
-        ConfigError: a bad name or segmenter setting.
+        ConfigError: a bad name or segmenter setting, no folder to write to, or files or a
+            shipped name that only ``force`` may replace or shadow.
         CheckpointError: the checkpoint is not a denseseg checkpoint, or the weights exceed
             ``max_bytes``.
     """
@@ -172,6 +199,8 @@ def pack(
         raise ConfigError(
             f"built-in name {name!r} must be lower case letters, digits, '_' or '-' (e.g. camvid)"
         )
+    out = _pack_folder(out_dir)
+    _refuse_replacing(out, name, force)
     ckpt = load_checkpoint(checkpoint_path)
     missing = [k for k in ("model_name", "model_kwargs", "mean", "std") if k not in ckpt]
     if missing:
@@ -179,9 +208,14 @@ def pack(
             f"{checkpoint_path} lacks {', '.join(missing)}: pack needs a checkpoint written by "
             "denseseg train, not a bare state_dict"
         )
-    state = unwrap_state_dict(ckpt)
+    try:
+        state = unwrap_state_dict(ckpt)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{checkpoint_path}: {exc}") from None
+    # Build the model once: weights that do not fit are refused now, not when loading.
+    model = model_from_state(ckpt["model_name"], ckpt["model_kwargs"], state, checkpoint_path)
     if precise_bn:
-        state = _precise_bn_state(ckpt, state, precise_bn, data_root)
+        state = _precise_bn_state(ckpt, model, precise_bn, data_root)
     tensors = {
         k: (v.half() if fp16 and v.is_floating_point() else v).detach().cpu().contiguous()
         for k, v in state.items()
@@ -204,7 +238,6 @@ def pack(
             meta[key] = value
     _check_segmenter_settings(meta["segmenter"], name)
 
-    out = Path(out_dir) if out_dir is not None else _search_dirs()[0]
     out.mkdir(parents=True, exist_ok=True)
     weights_path, json_path = out / f"{name}.safetensors", out / f"{name}.json"
     _atomic_write(weights_path, blob)
@@ -212,18 +245,85 @@ def pack(
     return {"json": json_path, "weights": weights_path}
 
 
+def _pack_folder(out_dir: str | os.PathLike | None) -> Path:
+    """The folder pack writes to: ``out_dir``, else the first of ``$DENSESEG_PRETRAINED_DIR``."""
+    if out_dir is not None:
+        return Path(out_dir)
+    dirs = [p for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
+    if not dirs:
+        raise ConfigError(
+            f"pack needs a folder to write to: set {ENV_VAR} (your models' folder) or pass --out "
+            "DIR; it does not write into the installed package unasked"
+        )
+    return Path(dirs[0])
+
+
+def _refuse_replacing(out: Path, name: str, force: bool) -> None:
+    """Refuse, unless ``force``, to replace packed files or to shadow a shipped model."""
+    if force:
+        return
+    shipped = PACKAGE_DIR / f"{name}.json"
+    if shipped.is_file() and out.resolve() != PACKAGE_DIR:
+        raise ConfigError(
+            f"{name} is the name of a model shipped in the package ({shipped}); packed in {out} "
+            "it would shadow it: choose another name, or pass --force to shadow it"
+        )
+    for path in (out / f"{name}.json", out / f"{name}.safetensors"):
+        if path.exists() or path.is_symlink():
+            raise ConfigError(f"{path} exists; pass --force to replace it, or choose another name")
+
+
+def model_from_state(
+    model_name: Any, model_kwargs: Any, state: Mapping[str, Any], source: str | os.PathLike
+) -> torch.nn.Module:
+    """Build the registered model ``model_name`` and load ``state`` into it.
+
+    Args:
+        model_name: the registered name stored beside the weights.
+        model_kwargs: the builder's keyword arguments stored beside them.
+        state: the weights (a state_dict).
+        source: the file they come from, named in the errors.
+
+    Raises:
+        CheckpointError: the name is unknown, the options are not the builder's, or the weights
+            do not fit the model they build.
+    """
+    from denseseg.models import create_model
+
+    if not isinstance(model_kwargs, Mapping):
+        raise CheckpointError(f"{source}: model_kwargs is not a mapping ({model_kwargs!r})")
+    try:
+        model = create_model(str(model_name), **dict(model_kwargs))
+    except (DensesegError, TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{source}: model {model_name!r} cannot be built from the options stored with it "
+            f"({_first_line(exc)})"
+        ) from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise CheckpointError(
+            f"{source}: the weights do not fit model {model_name!r} with the options stored "
+            f"with them ({_first_line(exc)}); the file was changed or mixes two runs"
+        ) from None
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = " ".join(lines[:2]) if lines else type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def _precise_bn_state(
-    ckpt: dict[str, Any], state: dict[str, Any], batches: int, root: str | os.PathLike | None
+    ckpt: dict[str, Any], model: torch.nn.Module, batches: int, root: str | os.PathLike | None
 ) -> dict[str, Any]:
     from denseseg.config import config_from_dict
     from denseseg.engine.precise_bn import recipe_batches, recompute_bn_stats
-    from denseseg.models import create_model
 
     if not ckpt.get("config"):
         raise CheckpointError("precise_bn needs the training recipe saved in the checkpoint")
     data = config_from_dict(ckpt["config"]).data
-    model = create_model(ckpt["model_name"], **ckpt["model_kwargs"])
-    model.load_state_dict(state)
     stream = recipe_batches(
         data,
         batches,
@@ -259,6 +359,7 @@ def _meta_from_checkpoint(
 
 
 def _check_segmenter_settings(seg: Any, name: str) -> None:
+    # ``name``: the built-in name when packing, the JSON file when loading.
     from denseseg.inference.segmenter import MODES, TTA
 
     if (
@@ -286,9 +387,17 @@ def _plain(obj: Any) -> Any:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    # A fresh name per call (O_EXCL): two packs into one folder never share a temporary file,
+    # and the file gets the user's usual permissions (umask), unlike mkstemp's 0600.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ------------------------------------------------------------------------------- load
@@ -313,44 +422,90 @@ def load_builtin(
     Raises:
         CheckpointError: unknown name, or files that do not fit the model they describe.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     from denseseg.inference.segmenter import Segmenter, resolve_device
-    from denseseg.models import create_model
 
     files = builtin_files(name, directory)
     if files is None:
         raise CheckpointError(unknown_model_message(name, directory))
     meta = read_meta(name, directory)
+    _warn_if_shadowing(name, files[1])
+    state = _read_weights(files[1], meta["sha256"])
+    source = f"{files[1]} (with {files[0].name})"
+    model = model_from_state(meta["model_name"], meta["model_kwargs"], state, source)
+    seg_opts = _segmenter_options(meta, files[0])
+    seg_opts.update(segmenter_kwargs)
     try:
-        state = load_file(str(files[1]), device="cpu")
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"built-in weights {files[1]} cannot be read ({exc})") from None
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    model = create_model(meta["model_name"], **meta["model_kwargs"])
+        return _segmenter(Segmenter, model, meta, name, files[1], resolve_device(device), seg_opts)
+    except (TypeError, ValueError) as exc:  # e.g. a palette or mean of the wrong shape
+        raise CheckpointError(
+            f"built-in model file {files[0]} holds settings the model cannot use "
+            f"({_first_line(exc)}); pack the model again"
+        ) from None
+
+
+def _warn_if_shadowing(name: str, weights: Path) -> None:
+    shipped = PACKAGE_DIR / f"{name}.safetensors"
+    if shipped.is_file() and weights.resolve().parent != PACKAGE_DIR:
+        log.warning(
+            "model %s: using %s, which shadows the model of that name shipped in %s",
+            name,
+            weights,
+            PACKAGE_DIR,
+        )
+
+
+def _read_weights(path: Path, sha256: str) -> dict[str, torch.Tensor]:
+    """The float32 tensors of a ``NAME.safetensors`` whose sha256 matches its JSON's."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
     try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"built-in {name}: weights do not fit the model ({first})") from None
-    seg_opts = {k: v for k, v in (meta.get("segmenter") or {}).items() if v is not None}
+        blob = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"built-in weights {path} cannot be read ({exc.strerror})") from None
+    if hashlib.sha256(blob).hexdigest() != sha256.lower():
+        raise CheckpointError(
+            f"built-in weights {path} do not match the sha256 stored in "
+            f"{path.with_suffix('.json').name} (damaged or replaced); pack the model again"
+        )
+    try:
+        state = st_load(blob)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"built-in weights {path} cannot be read ({exc})") from None
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _segmenter_options(meta: dict[str, Any], path: Path) -> dict[str, Any]:
+    settings = meta.get("segmenter") or {}
+    _check_segmenter_settings(settings, str(path))
+    seg_opts = {k: v for k, v in settings.items() if v is not None}
     if isinstance(seg_opts.get("tile_size"), list):
         seg_opts["tile_size"] = tuple(seg_opts["tile_size"])
-    seg_opts.update(segmenter_kwargs)
-    return Segmenter(
+    return seg_opts
+
+
+def _segmenter(
+    cls: type,
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    name: str,
+    weights: Path,
+    device: torch.device,
+    seg_opts: dict[str, Any],
+) -> Any:
+    return cls(
         model,
         mean=meta["mean"],
         std=meta["std"],
         class_names=meta.get("classes") or None,
         palette=meta.get("palette") or None,
         ignore_index=meta.get("ignore_index", 255),
-        device=resolve_device(device),
+        device=device,
         meta={
             "model_name": meta["model_name"],
             "model_kwargs": meta["model_kwargs"],
             "builtin": name,
-            "checkpoint": str(files[1]),
+            "checkpoint": str(weights),
             "step": (meta.get("provenance") or {}).get("steps"),
             "provenance": meta.get("provenance"),
         },
