@@ -21,7 +21,9 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path: Path, monkeypatch) -> N
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(
+        CheckpointError, match=r"cannot write checkpoint .*last.pt \(disk full\).*kept"
+    ):
         atomic_save({"step": 2}, path)
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1

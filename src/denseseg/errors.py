@@ -22,3 +22,11 @@ class DataError(DensesegError):
 
 class CheckpointError(DensesegError):
     """A checkpoint or weights file is missing, truncated or does not fit the model."""
+
+
+class Interrupted(DensesegError):
+    """Training stopped on a signal (Ctrl-C, ``kill``); the CLI exits with 128 + the signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)

@@ -1,17 +1,20 @@
 """The one checkpoint writer and reader.
 
 Checkpoints are written atomically (temporary file in the same folder, fsync, ``os.replace``), so
-an interrupted save never corrupts ``last.pt``. They hold only tensors, numbers, strings, lists
-and dicts, so they load with ``torch.load(weights_only=True)``: no arbitrary objects are
-unpickled, and a checkpoint from a stranger cannot run code.
+an interrupted save never corrupts ``last.pt``; the file gets the permissions the user's umask
+gives other files (group-readable by default). They hold only
+tensors, numbers, strings, lists and dicts, so they load with ``torch.load(weights_only=True)``:
+no arbitrary objects are unpickled, and a checkpoint from a stranger cannot run code.
+
+Reading verifies the CRC-32 of every record of the zip archive first (``torch.load`` does not:
+a flipped byte in a tensor would load as a silently different weight), so a damaged file is
+refused with one line naming it.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import random
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -19,46 +22,90 @@ from typing import Any
 import numpy as np
 import torch
 
-from denseseg.errors import CheckpointError
+from denseseg.data.io import atomic_write
+from denseseg.errors import CheckpointError, DataError
 
 FORMAT_VERSION = 1
 
 
+TMP_SUFFIX = ".tmp"  # of data.io.atomic_write's temporary files: .NAME.RANDOM.tmp
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` atomically: the file is either the old one or the new one."""
+    """``torch.save`` to ``path`` atomically (:func:`denseseg.data.io.atomic_write`, plus an
+    fsync): the file is either the old one or the new one, never half of one.
+
+    Raises:
+        CheckpointError: the folder cannot be written (read-only, full disk, ...); ``path``
+            is then left as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with atomic_write(path, "checkpoint") as fh:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except DataError as exc:
+        kept = f"; the previous {path.name} is kept" if path.is_file() else ""
+        raise CheckpointError(f"{exc}{kept}") from None
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files an :func:`atomic_save` killed mid-write left in ``folder``
+    (``.NAME.XXXX.tmp``). Call it only while holding the folder's run lock."""
+    stale = [p for p in Path(folder).glob(f".*.pt.*{TMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``).
+    """Load a checkpoint safely (``weights_only=True``), after checking its records' CRC-32.
 
     Raises:
-        CheckpointError: the file is missing, truncated, or not a checkpoint.
+        CheckpointError: the file is missing, truncated, damaged, holds objects other than
+            tensors and plain values, or is not a checkpoint.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; give the path of a .pt file")
     try:
+        _verify_zip(path)
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint {path} cannot be read ({msg[:160]})") from None
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a damaged file can fail anywhere inside the unpickler
+        raise CheckpointError(f"checkpoint {path} cannot be read ({_reason(exc)})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(
             f"{path} is not a denseseg checkpoint (it holds a {type(obj).__name__})"
         )
     return obj
+
+
+def _verify_zip(path: Path) -> None:
+    # torch.save writes a zip archive with CRC-32s that torch.load never checks; zipfile does.
+    # (Files in torch's legacy, non-zip format are left to torch.load.)
+    if not zipfile.is_zipfile(path):
+        return
+    with zipfile.ZipFile(path) as archive:
+        bad = archive.testzip()
+    if bad is not None:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged (record {bad} fails its CRC-32 check); "
+            "use an earlier checkpoint (step_*.pt) or train again"
+        )
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip()
+    if "Weights only load failed" in text or "weights_only" in text:
+        return (
+            "it holds Python objects other than tensors and plain values, which are not "
+            "loaded because unpickling them could run code"
+        )
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return f"damaged or not a checkpoint: {first[:160]}"
 
 
 def rng_state() -> dict[str, Any]:

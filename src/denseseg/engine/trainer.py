@@ -3,7 +3,9 @@
 Step-based: the learning-rate schedule, evaluation, logging and checkpoints all count optimiser
 steps. Everything a resume needs (model, optimiser, scheduler, grad scaler, step, epoch, sampler
 position, RNG states, resolved config) goes into each checkpoint, so ``resume=True`` continues
-exactly where a run stopped, and a Ctrl-C saves ``last.pt`` before leaving.
+exactly where a run stopped. Ctrl-C or SIGTERM stops after the current step and saves a consistent
+``last.pt`` (:mod:`denseseg.engine.stop`); the run folder is locked against a second training
+(:mod:`denseseg.engine.run_folder`).
 """
 
 from __future__ import annotations
@@ -12,10 +14,7 @@ import csv
 import logging
 import os
 import random
-import signal
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from denseseg.engine.checkpoint import (
     FORMAT_VERSION,
     atomic_save,
     load_checkpoint,
+    remove_stale_temporaries,
     rng_state,
     set_rng_state,
 )
@@ -48,8 +48,10 @@ from denseseg.engine.instance import (
 )
 from denseseg.engine.optim import backward_and_step, build_optimizer, lr_factor
 from denseseg.engine.precise_bn import calibration_batches, recompute_bn_stats
+from denseseg.engine.run_folder import RunLock, make_run_folder
 from denseseg.engine.sampler import EpochSampler, SeededTransformDataset
-from denseseg.errors import CheckpointError, ConfigError, DataError, DensesegError
+from denseseg.engine.stop import StopOnSignal, ignore_stop_signals
+from denseseg.errors import CheckpointError, ConfigError, DataError, Interrupted
 from denseseg.inference.instance import InstanceSegmenter
 from denseseg.inference.segmenter import Segmenter, resolve_device
 from denseseg.losses import build_loss
@@ -152,18 +154,35 @@ class _CsvLog:
 
     def __init__(self, path: Path, resume_step: int | None) -> None:
         self.path = path
-        rows = []
-        if resume_step is not None and path.is_file():
-            with path.open() as fh:
-                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
-        with path.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, CSV_FIELDS)
+        rows = self._rows_up_to(resume_step) if resume_step is not None else []
+        # Rewritten atomically: a kill during the rewrite must not lose the kept rows.
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, CSV_FIELDS, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
+        os.replace(tmp, path)
+
+    def _rows_up_to(self, step: int) -> list[dict[str, str]]:
+        if not self.path.is_file():
+            return []
+        with self.path.open(newline="", errors="replace") as fh:
+            rows = list(csv.DictReader(fh))
+        kept = [r for r in rows if _int_or_none(r.get("step")) is not None]
+        if len(kept) < len(rows):
+            log.warning("%s: dropped %d unreadable rows", self.path, len(rows) - len(kept))
+        return [r for r in kept if _int_or_none(r["step"]) <= step]  # type: ignore[operator]
 
     def write(self, **row: Any) -> None:
         with self.path.open("a", newline="") as fh:
             csv.DictWriter(fh, CSV_FIELDS).writerow({k: row.get(k, "") for k in CSV_FIELDS})
+
+
+def _int_or_none(text: Any) -> int | None:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
 
 
 def _open_tensorboard(out: Path, enabled: bool) -> Any:
@@ -189,10 +208,15 @@ def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, Any]:
         ``{"out_dir", "step", "best_mIoU", "metrics" (last evaluation), "checkpoint"}``;
         instance models give ``best_segm_AP`` (COCO mask AP) instead of ``best_mIoU``.
     """
+    out = make_run_folder(cfg.train.out_dir)
+    with RunLock(out):  # before any data is read: a second run on this folder stops here
+        for stale in remove_stale_temporaries(out):
+            log.info("removed %s, left by a save that was killed", stale.name)
+        return _train_in(cfg, out, _resume_path(out, resume))
+
+
+def _train_in(cfg: Config, out: Path, ckpt_path: Path | None) -> dict[str, Any]:
     tc, dc = cfg.train, cfg.data
-    out = Path(tc.out_dir)
-    ckpt_path = _resume_path(out, resume)
-    out.mkdir(parents=True, exist_ok=True)
     seed_everything(tc.seed, tc.deterministic)
     device = resolve_device(tc.device)
 
@@ -284,20 +308,9 @@ def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, Any]:
     best_key = f"best_{BEST_METRIC}" if instance else "best_mIoU"
     state = {"step": 0, "epoch": 0, "pos": 0, best_key: -1.0, "metrics": None}
     if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
-        if ckpt.get("model_name") != cfg.model.name:
-            raise CheckpointError(
-                f"{ckpt_path} holds model {ckpt.get('model_name')!r}, the recipe asks for "
-                f"{cfg.model.name!r}; resume with the same recipe"
-            )
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        state.update({k: ckpt[k] for k in state})
+        parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+        _restore(ckpt_path, device, cfg.model.name, model_kwargs, parts, state)
         log.info("resumed from %s at step %d", ckpt_path, state["step"])
-    save_config(cfg, out / "config.yaml")
 
     if instance:
         segmenter: Any = InstanceSegmenter(model, class_names=train_raw.classes, device=device)
@@ -315,6 +328,9 @@ def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, Any]:
     writer = _open_tensorboard(out, tc.tensorboard)
 
     def save(kind: str, **extra: Any) -> Path:
+        # Beside each checkpoint, not at the start: a resume that fails while reading its
+        # first batches must leave the run's files as they were.
+        save_config(cfg, out / "config.yaml")
         ckpt = {
             "format_version": FORMAT_VERSION,
             **meta,
@@ -395,9 +411,10 @@ def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, Any]:
         disable=not tc.progress,
         dynamic_ncols=True,
     )
-    restore_sigterm = _interrupt_on_sigterm()
+    saved_step = state["step"] if ckpt_path == out / "last.pt" else None
+    stop = StopOnSignal().__enter__()
     try:
-        while state["step"] < tc.max_steps:
+        while state["step"] < tc.max_steps and not stop.signum:
             sampler = EpochSampler(n, tc.seed, state["epoch"], state["pos"])
             loader = DataLoader(
                 train_ds,
@@ -408,8 +425,11 @@ def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, Any]:
                 pin_memory=device.type == "cuda",
                 persistent_workers=False,
                 collate_fn=instance_collate if instance else None,
+                worker_init_fn=ignore_stop_signals,
             )
             for images, targets, *pixel_weights in loader:
+                if stop.signum:  # arrived while the batch was being read: the step never began
+                    break
                 if instance:
                     loss = instance_train_step(
                         model, optimizer, scaler, images, targets, device, amp, oc.grad_clip
@@ -450,21 +470,29 @@ def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, Any]:
                     run_eval()
                 if (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.max_steps:
                     _keep_last(out, save("last"), step, tc.keep_last)
-                if step >= tc.max_steps:
+                    saved_step = step
+                if step >= tc.max_steps or stop.signum:
                     break
             else:
                 state["epoch"] += 1
                 state["pos"] = 0
-    except KeyboardInterrupt:
-        path = save("last")
-        raise DensesegError(
-            f"interrupted at step {state['step']}; saved {path}; continue with --resume"
+    except KeyboardInterrupt:  # a second signal: stop at once, the step may be half done
+        raise Interrupted(
+            f"stopped during step {state['step'] + 1} without saving; "
+            + _last_saved(out, saved_step),
+            stop.signum or 2,
         ) from None
     finally:
-        restore_sigterm()
+        stop.__exit__(None, None, None)
         bar.close()
         if writer is not None:
             writer.close()
+    if stop.signum and state["step"] < tc.max_steps:
+        path = save("last") if saved_step != state["step"] else out / "last.pt"
+        raise Interrupted(
+            f"{stop.name} at step {state['step']}: saved {path}; continue with --resume",
+            stop.signum,
+        )
     return {
         "out_dir": str(out),
         "step": state["step"],
@@ -474,18 +502,60 @@ def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, Any]:
     }
 
 
-def _interrupt_on_sigterm() -> Callable[[], None]:
-    """Make SIGTERM (``kill``, a batch scheduler's stop) interrupt training like Ctrl-C, so that
-    ``last.pt`` is saved; background jobs started by a shell ignore SIGINT, so ``kill`` is the way
-    to stop them. Returns the function that restores the previous handler."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
+def _last_saved(out: Path, step: int | None) -> str:
+    if step is None:
+        return f"no checkpoint was written yet in {out}"
+    return f"{out / 'last.pt'} holds step {step}; continue with --resume"
 
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+def _restore(
+    path: Path,
+    device: torch.device,
+    model_name: str,
+    model_kwargs: dict,
+    parts: dict[str, Any],
+    state: dict[str, Any],
+) -> None:
+    """Load a run's state from ``path`` into ``parts`` (model, optimiser, ...) and ``state``;
+    anything that does not fit this recipe ends in one line naming the file."""
+    ckpt = load_checkpoint(path, map_location=device)
+    if ckpt.get("model_name") != model_name:
+        raise CheckpointError(
+            f"{path} holds model {ckpt.get('model_name')!r}, the recipe asks for "
+            f"{model_name!r}; resume with the same recipe"
+        )
+    saved = ckpt.get("model_kwargs")
+    if isinstance(saved, dict) and saved != model_kwargs:
+        keys = sorted(k for k in {*saved, *model_kwargs} if saved.get(k) != model_kwargs.get(k))
+        raise CheckpointError(
+            f"{path} was trained with other model options ({', '.join(keys)}: "
+            f"{[saved.get(k) for k in keys]} there, {[model_kwargs.get(k) for k in keys]} now); "
+            "resume with the recipe's model.kwargs unchanged"
+        )
+    missing = [k for k in (*parts, "rng", *state) if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{path} cannot resume a run: it lacks {', '.join(missing)}; start a new run from "
+            f"its weights with model.weights={path}"
+        )
+    for name, part in parts.items():
+        try:
+            part.load_state_dict(ckpt[name])
+        except Exception as exc:  # each torch class raises its own type for a misfit state
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CheckpointError(
+                f"{path}: its {name} state does not fit this run ({first[:200]})"
+            ) from None
+    try:
+        set_rng_state(ckpt["rng"])
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path}: its random-number-generator state is damaged ({type(exc).__name__}); "
+            "resume from another checkpoint (step_*.pt)"
+        ) from None
+    state.update({k: ckpt[k] for k in state})
+    if not all(isinstance(state[k], int) and state[k] >= 0 for k in ("step", "epoch", "pos")):
+        raise CheckpointError(f"{path}: its step, epoch or sampler position is damaged")
 
 
 def _train_step(
