@@ -33,9 +33,9 @@ from torch.utils.data import DataLoader
 from denseseg.config import load_config
 from denseseg.data.registry import get_dataset
 from denseseg.data.transforms import build_transforms, default_mean_std
-from denseseg.engine.optim import build_optimizer
+from denseseg.engine.optim import backward_and_step, build_optimizer
 from denseseg.engine.sampler import EpochSampler, SeededTransformDataset
-from denseseg.engine.trainer import _train_step
+from denseseg.engine.tasks import SemanticTask
 from denseseg.inference.segmenter import resolve_device
 from denseseg.losses import build_loss
 from denseseg.models import create_model
@@ -82,7 +82,8 @@ def loader_rate(dataset, transform, batch_size: int, workers: int, batches: int)
 
 
 def train_step_rate(cfg, num_classes: int, batch, device: torch.device, steps: int) -> float:
-    """Images/s of the trainer's own step (``_train_step``) on one fixed batch."""
+    """Images/s of the trainer's own step (the semantic task's loss, backward and update, as
+    ``Trainer.run_step`` does them) on one fixed batch."""
     kwargs = {k: v for k, v in cfg.model.kwargs.items() if k not in ("weights", "backbone_weights")}
     kwargs.setdefault("num_classes", num_classes)
     model = create_model(cfg.model.name, **kwargs).to(device).train()
@@ -95,9 +96,13 @@ def train_step_rate(cfg, num_classes: int, batch, device: torch.device, steps: i
     amp = cfg.train.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     images, targets = batch
+    task = SemanticTask()
+    task.criterion = criterion
 
     def step() -> None:
-        _train_step(model, criterion, optimizer, scaler, images, targets, device, amp, None)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            loss = task.loss(model, (images, targets), device)
+        backward_and_step(loss, model, optimizer, scaler, None)
         if device.type == "cuda":
             torch.cuda.synchronize()
 

@@ -17,7 +17,7 @@ from denseseg.cli import main
 from denseseg.config import DataCfg
 from denseseg.data.registry import get_dataset
 from denseseg.engine.checkpoint import load_checkpoint
-from denseseg.engine.instance import check_instance_data, instance_collate
+from denseseg.engine.tasks.instance import check_instance_data, instance_collate
 from denseseg.errors import ConfigError
 from denseseg.inference.instance import InstanceSegmenter
 

@@ -21,6 +21,8 @@ from conftest import tiny_recipe, write_folder_dataset
 from denseseg.config import load_config
 from denseseg.engine.checkpoint import atomic_save, load_checkpoint
 from denseseg.engine.run_folder import RunLock
+from denseseg.engine.sampler import SeededTransformDataset
+from denseseg.engine.tasks import SemanticTask
 from denseseg.errors import ConfigError, Interrupted
 
 STEPS = 10
@@ -92,10 +94,11 @@ def _arm(point: str, trigger: _Trigger, monkeypatch) -> None:
         monkeypatch.setattr(module, name, wrapped)
 
     if point == "data":
-        wrap(trainer.SeededTransformDataset, "__getitem__")
-    elif point in ("evaluation", "checkpoint save", "scheduler"):
-        module_attr = {"evaluation": "evaluate", "checkpoint save": "atomic_save"}
-        wrap(trainer, module_attr.get(point, "lr_factor"))
+        wrap(SeededTransformDataset, "__getitem__")
+    elif point == "evaluation":
+        wrap(SemanticTask, "evaluate")
+    elif point in ("checkpoint save", "scheduler"):
+        wrap(trainer, "atomic_save" if point == "checkpoint save" else "lr_factor")
     elif point in ("forward (batch norm)", "backward"):
         real_build = trainer.build_model_for
 

@@ -109,8 +109,10 @@ class _Stop(Exception):
 
 
 def test_trainer_passes_recipe_keys(tmp_path, monkeypatch):
-    """train() hands every augmentation key of the recipe to build_transforms."""
+    """train() hands every augmentation key of the recipe to build_transforms (through the
+    training data pipeline)."""
     import denseseg.engine.trainer as trainer
+    import denseseg.engine.training_data as training_data
 
     root = write_folder_dataset(tmp_path / "data", n_train=2, n_val=1)
     seen = {}
@@ -119,7 +121,7 @@ def test_trainer_passes_recipe_keys(tmp_path, monkeypatch):
         seen.update(kwargs, train=train)
         raise _Stop
 
-    monkeypatch.setattr(trainer, "build_transforms", fake_build)
+    monkeypatch.setattr(training_data, "build_transforms", fake_build)
     cfg = load_config(
         None,
         [*tiny_recipe(root, tmp_path / "run"), "data.base_size=[64, 32]",

@@ -1,10 +1,6 @@
-"""The instance-model parts of training, evaluation and prediction (Mask R-CNN).
-
-The trainer and the CLI dispatch here where an instance model differs from a semantic one:
-batches are lists (images of any sizes; the model resizes and pads them itself), the step sums
-the model's loss dict, evaluation is COCO box and mask AP (:mod:`denseseg.metrics.coco`), and
-prediction draws instances and writes COCO results. Checkpointing, resume, schedules and logging
-stay the trainer's.
+"""Evaluation and prediction of instance models (Mask R-CNN): COCO box and mask AP
+(:mod:`denseseg.metrics.coco`), instance pictures and COCO results files. Their training is
+:class:`denseseg.engine.tasks.InstanceTask`'s.
 """
 
 from __future__ import annotations
@@ -16,121 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from denseseg.config import DataCfg
-from denseseg.engine.optim import backward_and_step
 from denseseg.errors import ConfigError
 from denseseg.inference.instance import InstanceSegmenter
 from denseseg.metrics.coco import CocoInstanceMetrics, encode_masks, format_coco_table
 
 log = logging.getLogger("denseseg")
 
-__all__ = [
-    "BEST_METRIC",
-    "check_instance_data",
-    "evaluate_instances",
-    "instance_collate",
-    "instance_meta",
-    "instance_train_step",
-    "is_instance_model",
-    "log_instance_metrics",
-    "predict_instances",
-    "run_instance_eval",
-]
-
-BEST_METRIC = "segm_AP"
-"""The validation number that picks ``best.pt`` for instance models (COCO mask AP)."""
-
-
-def is_instance_model(model: Any) -> bool:
-    """Whether ``model`` (or a predictor) is an instance model (``task == "instance"``)."""
-    return getattr(model, "task", "semantic") == "instance"
-
-
-def check_instance_data(dataset: Any, dc: DataCfg) -> None:
-    """Refuse recipe settings an instance model cannot use, naming the option to change.
-
-    Raises:
-        ConfigError: the dataset gives semantic targets, or the recipe sets normalisation or an
-            evaluation resize (the model does both inside).
-    """
-    if getattr(dataset, "target", None) != "instance":
-        raise ConfigError(
-            f"the model is an instance model but dataset {dc.dataset!r} gives semantic targets; "
-            "set data.options.target=instance (COCO-format data)"
-        )
-    if dc.mean is not None or dc.std is not None:
-        raise ConfigError(
-            "data.mean/data.std do not apply to instance models, which normalise inside; set "
-            "model.kwargs.image_mean/image_std instead"
-        )
-    if dc.eval_resize is not None:
-        raise ConfigError(
-            "data.eval_resize does not apply to instance models, which resize inside; set "
-            "model.kwargs.min_size/max_size instead"
-        )
-
-
-def instance_meta(dataset: Any, dc: DataCfg) -> dict[str, Any]:
-    """Checkpoint entries an instance predictor needs besides the trainer's own.
-
-    Returns:
-        ``category_ids`` (the dataset's category id of each class, for COCO results files) and
-        the reader's ``data_options`` (so ``denseseg eval`` reads the same classes).
-    """
-    to_class = getattr(dataset, "category_to_class", None) or {}
-    ids = list(range(dataset.num_classes))
-    for cat, cls in sorted(to_class.items(), reverse=True):  # the lowest id wins a merged class
-        if 0 < cls < len(ids):
-            ids[cls] = int(cat)
-    return {"category_ids": ids, "dataset": dc.dataset, "data_options": dict(dc.options)}
-
-
-def instance_collate(batch: Sequence[tuple[Tensor, dict]]) -> tuple[list[Tensor], list[dict]]:
-    """Lists of images and targets: instance models take images of different sizes."""
-    images, targets = zip(*batch)
-    return list(images), list(targets)
-
-
-def _training_target(target: dict[str, Any], device: torch.device) -> dict[str, Tensor]:
-    # Crowd regions are left out of training, as torchvision's detection references do.
-    keep = torch.as_tensor(target.get("iscrowd", torch.zeros(len(target["labels"])))) == 0
-    return {
-        "boxes": torch.as_tensor(target["boxes"])[keep].float().to(device),
-        "labels": torch.as_tensor(target["labels"])[keep].long().to(device),
-        "masks": torch.as_tensor(target["masks"])[keep].to(device, torch.uint8),
-    }
-
-
-def instance_train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    images: list[Tensor],
-    targets: list[dict[str, Any]],
-    device: torch.device,
-    amp: bool,
-    grad_clip: float | None,
-) -> float:
-    """One optimiser step on the sum of the model's losses (RPN, box and mask).
-
-    Args:
-        images: float 0-1 images ``(3, H_i, W_i)``.
-        targets: per image ``boxes (N_i, 4)`` XYXY, ``labels (N_i,)``, ``masks (N_i, H_i, W_i)``
-            and optionally ``iscrowd (N_i,)``.
-
-    Returns:
-        The total loss.
-    """
-    xs = [x.to(device, non_blocking=True) for x in images]
-    ts = [_training_target(t, device) for t in targets]
-    with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-        losses = model(xs, ts)
-        loss = sum(losses.values())
-    return backward_and_step(loss, model, optimizer, scaler, grad_clip)
+__all__ = ["evaluate_instances", "predict_instances", "run_instance_eval"]
 
 
 def evaluate_instances(
@@ -157,34 +49,6 @@ def evaluate_instances(
         for target, pred in zip(targets, segmenter.predict_batch(images)):
             metrics.update(target, pred)
     return metrics.compute()
-
-
-def log_instance_metrics(
-    metrics: dict[str, float], step: int, epoch: int, csv_log: Any, writer: Any
-) -> float:
-    """Log a validation result of the trainer (log line, ``log.csv``, TensorBoard).
-
-    Returns:
-        The number that picks the best checkpoint (:data:`BEST_METRIC`).
-    """
-    log.info(
-        "step %d  val mask AP %.2f%%  AP50 %.2f%%  box AP %.2f%%",
-        step,
-        100 * metrics["segm_AP"],
-        100 * metrics["segm_AP50"],
-        100 * metrics["bbox_AP"],
-    )
-    csv_log.write(
-        step=step,
-        epoch=epoch,
-        val_bbox_AP=f"{metrics['bbox_AP']:.6f}",
-        val_segm_AP=f"{metrics['segm_AP']:.6f}",
-    )
-    if writer is not None:
-        for key, value in metrics.items():
-            if key != "num_images":
-                writer.add_scalar(f"val/{key}", value, step)
-    return metrics[BEST_METRIC]
 
 
 def run_instance_eval(

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from denseseg.config import DataCfg
+from denseseg.engine.training_data import recipe_training_data
 
 __all__ = ["calibration_batches", "recipe_batches", "recompute_bn_stats"]
 
@@ -104,28 +105,22 @@ def recipe_batches(
     data: DataCfg,
     num_batches: int,
     *,
-    mean: list[float],
-    std: list[float],
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
     root: str | None = None,
     seed: int = 0,
 ) -> Iterator[Tensor]:
-    """Calibration batches from a recipe's training split and augmentation, for a model
-    trained by that recipe (``mean``/``std``: the checkpoint's normalisation).
+    """Calibration batches from a recipe's training split and augmentation
+    (:func:`~denseseg.engine.training_data.recipe_training_data`), for a model trained by that
+    recipe.
 
     Args:
         data: the recipe's ``data`` section (a checkpoint's ``config["data"]``).
         num_batches: how many batches of ``data.batch_size`` crops.
-        mean: normalisation mean the model was trained with.
-        std: normalisation std.
+        mean: normalisation mean the model was trained with (default: the recipe's).
+        std: normalisation std (default: the recipe's).
         root: the dataset folder, when it is not where the recipe says.
         seed: seed of the draw.
     """
-    from denseseg.data.registry import get_dataset
-    from denseseg.data.transforms import build_transforms
-    from denseseg.engine.sampler import SeededTransformDataset
-
-    raw = get_dataset(data.dataset, root or data.root, data.train_split, **data.reader_options())
-    tfm = build_transforms(
-        True, mean=mean, std=std, ignore_index=raw.ignore_index, **data.transform_kwargs()
-    )
-    return calibration_batches(SeededTransformDataset(raw, tfm), num_batches, data.batch_size, seed)
+    train = recipe_training_data(data, root=root, mean=mean, std=std)
+    return calibration_batches(train.dataset, num_batches, data.batch_size, seed)

@@ -1,32 +1,31 @@
-"""``train(cfg)``: the whole training run, top to bottom, as one flat, readable function family.
+"""``train(cfg)``: a short training loop over a task, with hooks.
 
 Step-based: the learning-rate schedule, evaluation, logging and checkpoints all count optimiser
-steps. Everything a resume needs (model, optimiser, scheduler, grad scaler, step, epoch, sampler
-position, RNG states, resolved config) goes into each checkpoint, so ``resume=True`` continues
-exactly where a run stopped. Ctrl-C or SIGTERM stops after the current step and saves a consistent
-``last.pt`` (:mod:`denseseg.engine.stop`); the run folder is locked against a second training
-(:mod:`denseseg.engine.run_folder`).
+steps. :class:`Trainer` builds the run (data, model, optimiser, schedule) and runs the loop;
+what differs between kinds of model is the :class:`~denseseg.engine.tasks.Task`'s, and what
+happens around the steps (logging, PreciseBN, evaluation, checkpoints, your own) is in hooks
+(:mod:`denseseg.engine.hooks`). Everything a resume needs (model, optimiser, scheduler, grad
+scaler, step, epoch, sampler position, RNG states, resolved config) goes into each checkpoint,
+so ``resume=True`` continues exactly where a run stopped. Ctrl-C or SIGTERM stops after the
+current step and saves a consistent ``last.pt`` (:mod:`denseseg.engine.stop`); the run folder
+is locked against a second training (:mod:`denseseg.engine.run_folder`).
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import random
-import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
+from denseseg.models.weights import load_model_weights
 from denseseg.config import Config, save_config
-from denseseg.data.registry import get_dataset
-from denseseg.data.transforms import build_eval_resize, build_transforms, default_mean_std
 from denseseg.engine.checkpoint import (
     FORMAT_VERSION,
     atomic_save,
@@ -35,33 +34,275 @@ from denseseg.engine.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from denseseg.engine.evaluate import evaluate
-from denseseg.engine.instance import (
-    BEST_METRIC,
-    check_instance_data,
-    evaluate_instances,
-    instance_collate,
-    instance_meta,
-    instance_train_step,
-    is_instance_model,
-    log_instance_metrics,
-)
+from denseseg.engine.hooks import HookBase, default_hooks
 from denseseg.engine.optim import backward_and_step, build_optimizer, lr_factor
-from denseseg.engine.precise_bn import calibration_batches, recompute_bn_stats
 from denseseg.engine.run_folder import RunLock, make_run_folder
-from denseseg.engine.sampler import EpochSampler, SeededTransformDataset
-from denseseg.engine.stop import StopOnSignal, ignore_stop_signals
-from denseseg.errors import CheckpointError, ConfigError, DataError, Interrupted
+from denseseg.engine.stop import StopOnSignal
+from denseseg.engine.tasks import task_for
+from denseseg.engine.training_data import (
+    read_training_split,
+    read_validation_split,
+    train_loader,
+    training_pipeline,
+)
+from denseseg.errors import CheckpointError, ConfigError, Interrupted
 from denseseg.inference.instance import InstanceSegmenter
 from denseseg.inference.segmenter import Segmenter, resolve_device
-from denseseg.losses import build_loss
 from denseseg.models import create_model
-from denseseg.models.weights import load_model_weights
 
 log = logging.getLogger("denseseg")
 
-CSV_FIELDS = ["step", "epoch", "lr", "loss", "val_mIoU", "val_mAcc", "val_aAcc", "elapsed_s"]
-CSV_FIELDS += ["val_bbox_AP", "val_segm_AP"]  # instance models
+__all__ = ["Trainer", "build_model_for", "seed_everything", "train"]
+
+
+def train(
+    cfg: Config, resume: bool | str | Path = False, hooks: Sequence[HookBase] = ()
+) -> dict[str, Any]:
+    """Train a model as the recipe ``cfg`` says.
+
+    Args:
+        cfg: the resolved recipe (see :mod:`denseseg.config`).
+        resume: False to start fresh (refused if the output folder already holds ``last.pt``),
+            True to continue from ``<out_dir>/last.pt``, or the path of a checkpoint.
+        hooks: your own :class:`~denseseg.engine.hooks.HookBase` objects, called after the
+            built-in ones.
+
+    Returns:
+        ``{"out_dir", "step", "best_mIoU", "metrics" (last evaluation), "checkpoint"}``;
+        instance models give ``best_segm_AP`` (COCO mask AP) instead of ``best_mIoU``.
+    """
+    out = make_run_folder(cfg.train.out_dir)
+    with RunLock(out):  # before any data is read: a second run on this folder stops here
+        for stale in remove_stale_temporaries(out):
+            log.info("removed %s, left by a save that was killed", stale.name)
+        trainer = Trainer(cfg, out, _resume_path(out, resume))
+        trainer.hooks += list(hooks)
+        return trainer.run()
+
+
+class Trainer:
+    """One training run: built from a recipe, run by :meth:`run`.
+
+    Attributes:
+        cfg, out, device: the recipe, the run folder, the device.
+        task: what the kind of model does differently (:mod:`denseseg.engine.tasks`).
+        data, val: the training data (:class:`~denseseg.engine.training_data.TrainingData`) and
+            the raw validation split (or None).
+        model, optimizer, scheduler, scaler: the usual.
+        predictor: the Segmenter (or InstanceSegmenter) evaluations run through.
+        state: ``step``, ``epoch``, ``pos`` (samples into the epoch), ``best_<metric>``,
+            ``metrics`` (of the last evaluation): what a checkpoint stores besides the parts.
+        loss: the last step's loss; hooks: called around the steps, in order.
+    """
+
+    def __init__(self, cfg: Config, out: Path, ckpt_path: Path | None = None) -> None:
+        tc, dc = cfg.train, cfg.data
+        self.cfg, self.out, self.resumed = cfg, out, ckpt_path is not None
+        seed_everything(tc.seed, tc.deterministic)
+        self.device = resolve_device(tc.device)
+        raw, self.val = read_training_split(dc), read_validation_split(dc)
+        self._build_model(raw)
+        self.task = task_for(self.model)
+        self.task.check(cfg, raw)
+        self.data = training_pipeline(dc, raw, normalise=not self.task.normalises_inside)
+        self.task.prepare(cfg, self.data, self.model_kwargs, self.device)
+        self._build_optimisation()
+        self.meta = self._meta()
+        best = f"best_{self.task.best_metric}"
+        self.state: dict[str, Any] = {"step": 0, "epoch": 0, "pos": 0, best: -1.0, "metrics": None}
+        if ckpt_path is not None:
+            parts = {n: getattr(self, n) for n in ("model", "optimizer", "scheduler", "scaler")}
+            _restore(ckpt_path, self.device, cfg.model.name, self.model_kwargs, parts, self.state)
+            log.info("resumed from %s at step %d", ckpt_path, self.state["step"])
+        self.predictor = self._predictor()
+        self.batch_size = min(dc.batch_size, len(self.data.dataset))
+        self.saved_step = self.step if ckpt_path == out / "last.pt" else None
+        self.loss, self.stopped, self.stop = float("nan"), False, StopOnSignal()
+        self.hooks: list[HookBase] = default_hooks(self)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict[str, Any]:
+        """Train to ``train.max_steps``; returns the summary :func:`train` documents."""
+        self._call("before_train")
+        try:
+            with self.stop:
+                self._loop()
+        except KeyboardInterrupt:  # a second signal: stop at once, the step may be half done
+            raise Interrupted(
+                f"stopped during step {self.step + 1} without saving; "
+                + _last_saved(self.out, self.saved_step),
+                self.stop.signum or 2,
+            ) from None
+        finally:
+            self._call("after_train")
+        if self.stopped:
+            name, path = self.stop.name, self.out / "last.pt"
+            raise Interrupted(
+                f"{name} at step {self.step}: saved {path}; continue with --resume",
+                self.stop.signum,
+            )
+        best = f"best_{self.task.best_metric}"
+        return {
+            "out_dir": str(self.out),
+            "step": self.step,
+            best: self.state[best],
+            "metrics": self.state["metrics"],
+            "checkpoint": str(self.out / "last.pt"),
+        }
+
+    def _loop(self) -> None:
+        max_steps, state = self.cfg.train.max_steps, self.state
+        self.model.train()
+        while self.step < max_steps and not self.stop.signum:
+            for batch in self._batches():
+                if self.stop.signum:  # arrived while the batch was being read: no step begun
+                    break
+                self.run_step(batch)
+                self._call("after_step")
+                if self.step >= max_steps or self.stop.signum:
+                    break
+            else:
+                state["epoch"], state["pos"] = state["epoch"] + 1, 0
+        self.stopped = bool(self.stop.signum) and self.step < max_steps
+
+    def run_step(self, batch: Any) -> None:
+        """One optimiser step on ``batch``: the task's loss (under autocast), backward,
+        clipping, the update, the schedule; stops on a NaN loss."""
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            loss = self.task.loss(self.model, batch, self.device)
+        grad_clip = self.cfg.optim.grad_clip
+        self.loss = backward_and_step(loss, self.model, self.optimizer, self.scaler, grad_clip)
+        self.scheduler.step()
+        self.state["step"] += 1
+        self.state["pos"] += self.batch_size
+
+    def evaluate(self) -> dict[str, Any] | None:
+        """Evaluate on the validation split (between ``before_eval`` and ``after_eval``)."""
+        if self.val is None:
+            return None
+        self._call("before_eval")
+        metrics = self.task.evaluate(self.predictor, self.val, self.cfg)
+        self.model.train()
+        self.state["metrics"] = metrics
+        self._call("after_eval", metrics)
+        return metrics
+
+    def save(self, kind: str) -> Path:
+        """Write ``<out>/<kind>.pt`` (``last`` or ``best``) atomically, with ``config.yaml``
+        beside it (not at the start: a resume that fails while reading its first batches must
+        leave the run's files as they were)."""
+        save_config(self.cfg, self.out / "config.yaml")
+        path = self.out / f"{kind}.pt"
+        atomic_save(self.checkpoint(), path)
+        if kind == "last":
+            self.saved_step = self.step
+        return path
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Everything a resume and a predictor need, as plain data and tensors."""
+        return {
+            "format_version": FORMAT_VERSION,
+            **self.meta,
+            **self.state,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "config": self.cfg.to_dict(),
+        }
+
+    @property
+    def step(self) -> int:
+        return self.state["step"]
+
+    @property
+    def epoch(self) -> int:
+        return self.state["epoch"]
+
+    # ------------------------------------------------------------------ building the run
+    def _batches(self):
+        dc = self.cfg.data
+        return train_loader(
+            self.data.dataset,
+            self.batch_size,
+            seed=self.cfg.train.seed,
+            epoch=self.state["epoch"],
+            pos=self.state["pos"],
+            num_workers=dc.num_workers,
+            collate=self.task.collate,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def _call(self, event: str, *args: Any) -> None:
+        for hook in self.hooks:
+            getattr(hook, event)(self, *args)
+
+    def _build_model(self, raw: Any) -> None:
+        cfg = self.cfg
+        self.model, self.model_kwargs = build_model_for(cfg, raw.num_classes, raw.in_channels)
+        if cfg.model.weights:
+            load_model_weights(self.model, cfg.model.weights)  # logs what it skipped
+        if cfg.optim.freeze_backbone:
+            _freeze_backbone(self.model)
+        self.model.to(self.device)
+
+    def _build_optimisation(self) -> None:
+        oc, sc, tc = self.cfg.optim, self.cfg.schedule, self.cfg.train
+        self.optimizer = build_optimizer(
+            self.model,
+            oc.name,
+            lr=oc.lr,
+            weight_decay=oc.weight_decay,
+            momentum=oc.momentum,
+            nesterov=oc.nesterov,
+            betas=tuple(oc.betas),
+            backbone_lr_mult=oc.backbone_lr_mult,
+            no_decay_norm_bias=oc.no_decay_norm_bias,
+        )
+        schedule = {
+            "name": sc.name,
+            "power": sc.power,
+            "warmup_steps": sc.warmup_steps,
+            "warmup_factor": sc.warmup_factor,
+            "min_ratio": sc.min_lr / oc.lr if oc.lr > 0 else 0.0,
+            "milestones": sc.milestones,
+            "gamma": sc.gamma,
+        }
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, tc.max_steps, **schedule)
+        )
+        self.amp = tc.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+
+    def _meta(self) -> dict[str, Any]:
+        raw, data = self.data.raw, self.data
+        return {
+            "model_name": self.cfg.model.name,
+            "model_kwargs": self.model_kwargs,
+            "class_names": list(raw.classes),
+            "palette": [list(p) for p in raw.palette],
+            "mean": data.mean,
+            "std": data.std,
+            "in_channels": raw.in_channels,
+            "num_classes": raw.num_classes,
+            "ignore_index": raw.ignore_index,
+            **self.task.meta(data, self.cfg),
+        }
+
+    def _predictor(self) -> Any:
+        raw, data = self.data.raw, self.data
+        if self.task.normalises_inside:
+            return InstanceSegmenter(self.model, class_names=raw.classes, device=self.device)
+        return Segmenter(
+            self.model,
+            mean=data.mean,
+            std=data.std,
+            class_names=raw.classes,
+            palette=raw.palette,
+            ignore_index=raw.ignore_index,
+            device=self.device,
+        )
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -97,48 +338,6 @@ def build_model_for(cfg: Config, num_classes: int, in_channels: int) -> tuple[nn
     return model, saved
 
 
-def _class_weights(cfg: Config, dataset: Any, num_classes: int) -> torch.Tensor | None:
-    cw = cfg.loss.class_weights
-    if cw is None:
-        return None
-    if cw == "median_frequency":
-        from denseseg.data.folder import median_frequency_weights
-
-        return median_frequency_weights(dataset).float()
-    if isinstance(cw, list):
-        if len(cw) != num_classes:
-            raise ConfigError(f"loss.class_weights has {len(cw)} values for {num_classes} classes")
-        return torch.tensor(cw, dtype=torch.float32)
-    raise ConfigError(f"loss.class_weights={cw!r}: use null, median_frequency or a list of numbers")
-
-
-def _use_weight_map(
-    cfg: Config, dataset: Any, tfm: Any, class_weights: torch.Tensor | None, model_kwargs: dict
-) -> tuple[SeededTransformDataset, nn.Module]:
-    """U-Net's border weight map: each augmented sample carries its map (w_c included, from
-    ``class_weights`` when given), and the loss becomes the pixel-weighted cross-entropy."""
-    from denseseg.losses.weight_map import (
-        PixelWeightedCrossEntropy,
-        WithWeightMap,
-        parse_weight_map,
-    )
-
-    opts = parse_weight_map(cfg.loss.weight_map)
-    if cfg.loss.name != "ce" or model_kwargs["num_classes"] < 2:
-        raise ConfigError(
-            f"loss.weight_map needs loss.name: ce and a model with >= 2 classes (got "
-            f"{cfg.loss.name!r}, {model_kwargs['num_classes']} classes)"
-        )
-    wrapped = WithWeightMap(
-        tfm,
-        **opts,
-        class_weights=class_weights,
-        ignore_index=dataset.ignore_index,
-        num_classes=model_kwargs["num_classes"],
-    )
-    return SeededTransformDataset(dataset, wrapped), PixelWeightedCrossEntropy(dataset.ignore_index)
-
-
 def _freeze_backbone(model: nn.Module) -> None:
     backbone = getattr(model, "backbone", None) or getattr(model, "encoder", None)
     if backbone is None:
@@ -147,359 +346,6 @@ def _freeze_backbone(model: nn.Module) -> None:
         )
     for p in backbone.parameters():
         p.requires_grad_(False)
-
-
-class _CsvLog:
-    """Appends rows to ``log.csv``; on resume drops rows written after the checkpoint's step."""
-
-    def __init__(self, path: Path, resume_step: int | None) -> None:
-        self.path = path
-        rows = self._rows_up_to(resume_step) if resume_step is not None else []
-        # Rewritten atomically: a kill during the rewrite must not lose the kept rows.
-        tmp = path.with_name(f".{path.name}.tmp")
-        with tmp.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, CSV_FIELDS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, path)
-
-    def _rows_up_to(self, step: int) -> list[dict[str, str]]:
-        if not self.path.is_file():
-            return []
-        with self.path.open(newline="", errors="replace") as fh:
-            rows = list(csv.DictReader(fh))
-        kept = [r for r in rows if _int_or_none(r.get("step")) is not None]
-        if len(kept) < len(rows):
-            log.warning("%s: dropped %d unreadable rows", self.path, len(rows) - len(kept))
-        return [r for r in kept if _int_or_none(r["step"]) <= step]  # type: ignore[operator]
-
-    def write(self, **row: Any) -> None:
-        with self.path.open("a", newline="") as fh:
-            csv.DictWriter(fh, CSV_FIELDS).writerow({k: row.get(k, "") for k in CSV_FIELDS})
-
-
-def _int_or_none(text: Any) -> int | None:
-    try:
-        return int(text)
-    except (TypeError, ValueError):
-        return None
-
-
-def _open_tensorboard(out: Path, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is a dependency, but users may strip it
-        log.warning("tensorboard is not installed; writing CSV logs only")
-        return None
-    return SummaryWriter(str(out / "tb"))
-
-
-def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, Any]:
-    """Train a model as the recipe ``cfg`` says.
-
-    Args:
-        cfg: the resolved recipe (see :mod:`denseseg.config`).
-        resume: False to start fresh (refused if the output folder already holds ``last.pt``),
-            True to continue from ``<out_dir>/last.pt``, or the path of a checkpoint.
-
-    Returns:
-        ``{"out_dir", "step", "best_mIoU", "metrics" (last evaluation), "checkpoint"}``;
-        instance models give ``best_segm_AP`` (COCO mask AP) instead of ``best_mIoU``.
-    """
-    out = make_run_folder(cfg.train.out_dir)
-    with RunLock(out):  # before any data is read: a second run on this folder stops here
-        for stale in remove_stale_temporaries(out):
-            log.info("removed %s, left by a save that was killed", stale.name)
-        return _train_in(cfg, out, _resume_path(out, resume))
-
-
-def _train_in(cfg: Config, out: Path, ckpt_path: Path | None) -> dict[str, Any]:
-    tc, dc = cfg.train, cfg.data
-    seed_everything(tc.seed, tc.deterministic)
-    device = resolve_device(tc.device)
-
-    opts = dc.reader_options()
-    train_raw = get_dataset(dc.dataset, dc.root, dc.train_split, **opts)
-    # Evaluation reads raw uint8 items; eval_resize (optional) only resizes them.
-    val_tfm = build_eval_resize(dc.eval_resize) if dc.eval_resize is not None else None
-    val_raw = (
-        get_dataset(dc.dataset, dc.root, dc.val_split, transforms=val_tfm, **opts)
-        if dc.val_split
-        else None
-    )
-    if len(train_raw) == 0:  # type: ignore[arg-type]
-        raise DataError(f"the {dc.train_split!r} split of {dc.root or dc.dataset} has no images")
-    num_classes, in_channels = train_raw.num_classes, train_raw.in_channels
-    model, model_kwargs = build_model_for(cfg, num_classes, in_channels)
-    if cfg.model.weights:
-        load_model_weights(model, cfg.model.weights)  # logs what it skipped
-    if cfg.optim.freeze_backbone:
-        _freeze_backbone(model)
-    model.to(device)
-    instance = is_instance_model(model)
-    if instance:
-        check_instance_data(train_raw, dc)
-        if tc.precise_bn:
-            raise ConfigError("train.precise_bn applies to semantic models; set it to 0")
-
-    mean, std = default_mean_std(in_channels)
-    mean, std = list(dc.mean or mean), list(dc.std or std)
-    if instance:  # the model normalises inside: it takes 0-1 images
-        mean, std = [0.0] * in_channels, [1.0] * in_channels
-    tfm = build_transforms(
-        True, mean=mean, std=std, ignore_index=train_raw.ignore_index, **dc.transform_kwargs()
-    )
-    train_ds = SeededTransformDataset(train_raw, tfm)
-    weights = _class_weights(cfg, train_raw, num_classes)
-    criterion = build_loss(
-        cfg.loss.name,
-        num_classes=model_kwargs["num_classes"],
-        ignore_index=train_raw.ignore_index,
-        class_weights=weights.to(device) if weights is not None else None,
-        **({"dice_weight": cfg.loss.dice_weight} if "+dice" in cfg.loss.name else {}),
-    )
-    if cfg.loss.weight_map:
-        train_ds, criterion = _use_weight_map(cfg, train_raw, tfm, weights, model_kwargs)
-    oc, sc = cfg.optim, cfg.schedule
-    optimizer = build_optimizer(
-        model,
-        oc.name,
-        lr=oc.lr,
-        weight_decay=oc.weight_decay,
-        momentum=oc.momentum,
-        nesterov=oc.nesterov,
-        betas=tuple(oc.betas),
-        backbone_lr_mult=oc.backbone_lr_mult,
-        no_decay_norm_bias=oc.no_decay_norm_bias,
-    )
-    min_ratio = sc.min_lr / oc.lr if oc.lr > 0 else 0.0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_factor(
-            s,
-            tc.max_steps,
-            name=sc.name,
-            power=sc.power,
-            warmup_steps=sc.warmup_steps,
-            warmup_factor=sc.warmup_factor,
-            min_ratio=min_ratio,
-            milestones=sc.milestones,
-            gamma=sc.gamma,
-        ),
-    )
-    amp = tc.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
-
-    meta = {
-        "model_name": cfg.model.name,
-        "model_kwargs": model_kwargs,
-        "class_names": list(train_raw.classes),
-        "palette": [list(p) for p in train_raw.palette],
-        "mean": mean,
-        "std": std,
-        "in_channels": in_channels,
-        "num_classes": num_classes,
-        "ignore_index": train_raw.ignore_index,
-        "class_weights": weights.tolist() if weights is not None else None,
-        **(instance_meta(train_raw, dc) if instance else {}),
-    }
-    best_key = f"best_{BEST_METRIC}" if instance else "best_mIoU"
-    state = {"step": 0, "epoch": 0, "pos": 0, best_key: -1.0, "metrics": None}
-    if ckpt_path is not None:
-        parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
-        _restore(ckpt_path, device, cfg.model.name, model_kwargs, parts, state)
-        log.info("resumed from %s at step %d", ckpt_path, state["step"])
-
-    if instance:
-        segmenter: Any = InstanceSegmenter(model, class_names=train_raw.classes, device=device)
-    else:
-        segmenter = Segmenter(
-            model,
-            mean=mean,
-            std=std,
-            class_names=train_raw.classes,
-            palette=train_raw.palette,
-            ignore_index=train_raw.ignore_index,
-            device=device,
-        )
-    csv_log = _CsvLog(out / "log.csv", state["step"] if ckpt_path else None)
-    writer = _open_tensorboard(out, tc.tensorboard)
-
-    def save(kind: str, **extra: Any) -> Path:
-        # Beside each checkpoint, not at the start: a resume that fails while reading its
-        # first batches must leave the run's files as they were.
-        save_config(cfg, out / "config.yaml")
-        ckpt = {
-            "format_version": FORMAT_VERSION,
-            **meta,
-            **{k: state[k] for k in state},
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": rng_state(),
-            "config": cfg.to_dict(),
-            **extra,
-        }
-        path = out / f"{kind}.pt"
-        atomic_save(ckpt, path)
-        return path
-
-    def run_eval() -> None:
-        if val_raw is None:
-            return
-        if instance:
-            state["metrics"] = metrics = evaluate_instances(
-                segmenter,
-                val_raw,
-                batch_size=dc.eval_batch_size,
-                num_workers=dc.num_workers,
-                progress=tc.progress,
-            )
-            model.train()
-            score = log_instance_metrics(metrics, state["step"], state["epoch"], csv_log, writer)
-            if score == score and score > state[best_key]:
-                state[best_key] = score
-                save("best")
-            return
-        if tc.precise_bn:
-            batches = calibration_batches(
-                train_ds, tc.precise_bn, bs, seed=tc.seed * 1_000_003 + state["step"]
-            )
-            recompute_bn_stats(model, batches, device)
-        metrics = evaluate(
-            segmenter,
-            val_raw,
-            batch_size=dc.eval_batch_size,
-            num_workers=dc.num_workers,
-            progress=tc.progress,
-        ).compute()
-        model.train()
-        state["metrics"] = metrics
-        miou = metrics["mIoU"]
-        log.info(
-            "step %d  val mIoU %.2f%%  mAcc %.2f%%  aAcc %.2f%%",
-            state["step"],
-            100 * miou,
-            100 * metrics["mAcc"],
-            100 * metrics["aAcc"],
-        )
-        csv_log.write(
-            step=state["step"],
-            epoch=state["epoch"],
-            val_mIoU=f"{miou:.6f}",
-            val_mAcc=f"{metrics['mAcc']:.6f}",
-            val_aAcc=f"{metrics['aAcc']:.6f}",
-        )
-        if writer is not None:
-            for k in ("mIoU", "mAcc", "aAcc"):
-                writer.add_scalar(f"val/{k}", metrics[k], state["step"])
-        if miou == miou and miou > state["best_mIoU"]:
-            state["best_mIoU"] = miou
-            save("best")
-
-    n = len(train_ds)
-    bs = min(dc.batch_size, n)
-    model.train()
-    start = time.time()
-    bar = tqdm(
-        total=tc.max_steps,
-        initial=state["step"],
-        desc="train",
-        disable=not tc.progress,
-        dynamic_ncols=True,
-    )
-    saved_step = state["step"] if ckpt_path == out / "last.pt" else None
-    stop = StopOnSignal().__enter__()
-    try:
-        while state["step"] < tc.max_steps and not stop.signum:
-            sampler = EpochSampler(n, tc.seed, state["epoch"], state["pos"])
-            loader = DataLoader(
-                train_ds,
-                batch_size=bs,
-                sampler=sampler,
-                num_workers=dc.num_workers,
-                drop_last=True,
-                pin_memory=device.type == "cuda",
-                persistent_workers=False,
-                collate_fn=instance_collate if instance else None,
-                worker_init_fn=ignore_stop_signals,
-            )
-            for images, targets, *pixel_weights in loader:
-                if stop.signum:  # arrived while the batch was being read: the step never began
-                    break
-                if instance:
-                    loss = instance_train_step(
-                        model, optimizer, scaler, images, targets, device, amp, oc.grad_clip
-                    )
-                else:
-                    loss = _train_step(
-                        model,
-                        criterion,
-                        optimizer,
-                        scaler,
-                        images,
-                        targets,
-                        device,
-                        amp,
-                        oc.grad_clip,
-                        cfg.loss.aux_weight,
-                        pixel_weights[0] if pixel_weights else None,
-                    )
-                scheduler.step()
-                state["step"] += 1
-                state["pos"] += bs
-                step = state["step"]
-                bar.update(1)
-                if step % tc.log_every == 0 or step == tc.max_steps:
-                    lr = optimizer.param_groups[0]["lr"]
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                    csv_log.write(
-                        step=step,
-                        epoch=state["epoch"],
-                        lr=f"{lr:.6g}",
-                        loss=f"{loss:.6f}",
-                        elapsed_s=f"{time.time() - start:.1f}",
-                    )
-                    if writer is not None:
-                        writer.add_scalar("train/loss", loss, step)
-                        writer.add_scalar("train/lr", lr, step)
-                if (tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps:
-                    run_eval()
-                if (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.max_steps:
-                    _keep_last(out, save("last"), step, tc.keep_last)
-                    saved_step = step
-                if step >= tc.max_steps or stop.signum:
-                    break
-            else:
-                state["epoch"] += 1
-                state["pos"] = 0
-    except KeyboardInterrupt:  # a second signal: stop at once, the step may be half done
-        raise Interrupted(
-            f"stopped during step {state['step'] + 1} without saving; "
-            + _last_saved(out, saved_step),
-            stop.signum or 2,
-        ) from None
-    finally:
-        stop.__exit__(None, None, None)
-        bar.close()
-        if writer is not None:
-            writer.close()
-    if stop.signum and state["step"] < tc.max_steps:
-        path = save("last") if saved_step != state["step"] else out / "last.pt"
-        raise Interrupted(
-            f"{stop.name} at step {state['step']}: saved {path}; continue with --resume",
-            stop.signum,
-        )
-    return {
-        "out_dir": str(out),
-        "step": state["step"],
-        best_key: state[best_key],
-        "metrics": state["metrics"],
-        "checkpoint": str(out / "last.pt"),
-    }
 
 
 def _last_saved(out: Path, step: int | None) -> str:
@@ -558,58 +404,54 @@ def _restore(
         raise CheckpointError(f"{path}: its step, epoch or sampler position is damaged")
 
 
-def _train_step(
-    model: nn.Module,
-    criterion: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    images: torch.Tensor,
-    targets: torch.Tensor,
+def _restore(
+    path: Path,
     device: torch.device,
-    amp: bool,
-    grad_clip: float | None,
-    aux_weight: float = 0.0,
-    pixel_weights: torch.Tensor | None = None,
-) -> float:
-    images = images.to(device, non_blocking=True)
-    targets = targets.to(device, non_blocking=True)
-    # Per-pixel loss weights (U-Net's weight map) travel with the targets and are cropped alike.
-    extra = () if pixel_weights is None else (pixel_weights.to(device, non_blocking=True),)
-    with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-        out = model(images)
-        logits = out["out"]
-        if logits.shape[-2:] != targets.shape[-2:]:
-            targets = _center_crop(targets, logits.shape[-2:])
-            extra = tuple(_center_crop(w, logits.shape[-2:]) for w in extra)
-        loss = criterion(logits.float(), targets, *extra)
-        if "aux" in out and aux_weight:
-            # torchvision's reference training: loss + 0.5 * the auxiliary head's loss.
-            loss = loss + aux_weight * criterion(out["aux"].float(), targets, *extra)
-    return backward_and_step(loss, model, optimizer, scaler, grad_clip)
-
-
-def _center_crop(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    # Valid-padding networks see only the centre of their input: train on the matching labels.
-    h, w = t.shape[-2:]
-    top, left = (h - size[0]) // 2, (w - size[1]) // 2
-    return t[..., top : top + size[0], left : left + size[1]]
-
-
-def _keep_last(out: Path, last: Path, step: int, k: int) -> None:
-    # A hard link to the fresh last.pt costs no I/O; the next atomic save gives last.pt a new
-    # inode, so the linked file keeps this step's content.
-    if k <= 0:
-        return
-    dst = out / f"step_{step:07d}.pt"
-    dst.unlink(missing_ok=True)
+    model_name: str,
+    model_kwargs: dict,
+    parts: dict[str, Any],
+    state: dict[str, Any],
+) -> None:
+    """Load a run's state from ``path`` into ``parts`` (model, optimiser, ...) and ``state``;
+    anything that does not fit this recipe ends in one line naming the file."""
+    ckpt = load_checkpoint(path, map_location=device)
+    if ckpt.get("model_name") != model_name:
+        raise CheckpointError(
+            f"{path} holds model {ckpt.get('model_name')!r}, the recipe asks for "
+            f"{model_name!r}; resume with the same recipe"
+        )
+    saved = ckpt.get("model_kwargs")
+    if isinstance(saved, dict) and saved != model_kwargs:
+        keys = sorted(k for k in {*saved, *model_kwargs} if saved.get(k) != model_kwargs.get(k))
+        raise CheckpointError(
+            f"{path} was trained with other model options ({', '.join(keys)}: "
+            f"{[saved.get(k) for k in keys]} there, {[model_kwargs.get(k) for k in keys]} now); "
+            "resume with the recipe's model.kwargs unchanged"
+        )
+    missing = [k for k in (*parts, "rng", *state) if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{path} cannot resume a run: it lacks {', '.join(missing)}; start a new run from "
+            f"its weights with model.weights={path}"
+        )
+    for name, part in parts.items():
+        try:
+            part.load_state_dict(ckpt[name])
+        except Exception as exc:  # each torch class raises its own type for a misfit state
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CheckpointError(
+                f"{path}: its {name} state does not fit this run ({first[:200]})"
+            ) from None
     try:
-        os.link(last, dst)
-    except OSError:
-        import shutil
-
-        shutil.copy2(last, dst)
-    for old in sorted(out.glob("step_*.pt"))[:-k]:
-        old.unlink(missing_ok=True)
+        set_rng_state(ckpt["rng"])
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path}: its random-number-generator state is damaged ({type(exc).__name__}); "
+            "resume from another checkpoint (step_*.pt)"
+        ) from None
+    state.update({k: ckpt[k] for k in state})
+    if not all(isinstance(state[k], int) and state[k] >= 0 for k in ("step", "epoch", "pos")):
+        raise CheckpointError(f"{path}: its step, epoch or sampler position is damaged")
 
 
 def _resume_path(out: Path, resume: bool | str | Path) -> Path | None:

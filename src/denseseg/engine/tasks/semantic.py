@@ -1,0 +1,128 @@
+"""Semantic segmentation in training: a per-pixel loss, mIoU on the validation split."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from denseseg.config import Config
+from denseseg.data.folder import median_frequency_weights
+from denseseg.engine.evaluate import evaluate
+from denseseg.engine.sampler import SeededTransformDataset
+from denseseg.engine.tasks.base import EvalReport, Task
+from denseseg.engine.training_data import TrainingData
+from denseseg.errors import ConfigError
+from denseseg.losses import build_loss
+from denseseg.losses.weight_map import PixelWeightedCrossEntropy, WithWeightMap, parse_weight_map
+
+
+class SemanticTask(Task):
+    """Models that give ``{"out": logits (N, K, H, W)[, "aux": ...]}``; ``best.pt`` by mIoU."""
+
+    best_metric = "mIoU"
+
+    def __init__(self) -> None:
+        self.criterion: nn.Module | None = None
+        self.class_weights: Tensor | None = None
+        self.aux_weight = 0.0
+
+    def prepare(self, cfg: Config, data: TrainingData, model_kwargs: dict, device: Any) -> None:
+        raw = data.raw
+        weights = class_weights(cfg, raw, raw.num_classes)
+        self.class_weights, self.aux_weight = weights, cfg.loss.aux_weight
+        self.criterion = build_loss(
+            cfg.loss.name,
+            num_classes=model_kwargs["num_classes"],
+            ignore_index=raw.ignore_index,
+            class_weights=weights.to(device) if weights is not None else None,
+            **({"dice_weight": cfg.loss.dice_weight} if "+dice" in cfg.loss.name else {}),
+        )
+        if cfg.loss.weight_map:
+            data.dataset, self.criterion = _use_weight_map(cfg, data, weights, model_kwargs)
+
+    def loss(self, model: nn.Module, batch: Any, device: torch.device) -> Tensor:
+        images, targets, *pixel_weights = batch
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        # Per-pixel loss weights (U-Net's weight map) travel with the targets, cropped alike.
+        extra = tuple(w.to(device, non_blocking=True) for w in pixel_weights)
+        out = model(images)
+        logits = out["out"]
+        if logits.shape[-2:] != targets.shape[-2:]:
+            targets = center_crop(targets, logits.shape[-2:])
+            extra = tuple(center_crop(w, logits.shape[-2:]) for w in extra)
+        loss = self.criterion(logits.float(), targets, *extra)
+        if "aux" in out and self.aux_weight:
+            # torchvision's reference training: loss + 0.5 * the auxiliary head's loss.
+            loss = loss + self.aux_weight * self.criterion(out["aux"].float(), targets, *extra)
+        return loss
+
+    def evaluate(self, predictor: Any, dataset: Any, cfg: Config) -> dict[str, Any]:
+        dc = cfg.data
+        metrics = evaluate(
+            predictor,
+            dataset,
+            batch_size=dc.eval_batch_size,
+            num_workers=dc.num_workers,
+            progress=cfg.train.progress,
+        )
+        return metrics.compute()
+
+    def report(self, metrics: dict[str, Any], step: int) -> EvalReport:
+        keys = ("mIoU", "mAcc", "aAcc")
+        shown = "  ".join(f"{k} {100 * metrics[k]:.2f}%" for k in keys)
+        return EvalReport(
+            line=f"step {step}  val {shown}",
+            csv={f"val_{k}": f"{metrics[k]:.6f}" for k in keys},
+            scalars={f"val/{k}": metrics[k] for k in keys},
+        )
+
+    def meta(self, data: TrainingData, cfg: Config) -> dict[str, Any]:
+        weights = self.class_weights
+        return {"class_weights": weights.tolist() if weights is not None else None}
+
+
+def class_weights(cfg: Config, dataset: Any, num_classes: int) -> Tensor | None:
+    """``loss.class_weights`` as a tensor: None, SegNet's median frequency, or the list."""
+    cw = cfg.loss.class_weights
+    if cw is None:
+        return None
+    if cw == "median_frequency":
+        return median_frequency_weights(dataset).float()
+    if isinstance(cw, list):
+        if len(cw) != num_classes:
+            raise ConfigError(f"loss.class_weights has {len(cw)} values for {num_classes} classes")
+        return torch.tensor(cw, dtype=torch.float32)
+    raise ConfigError(f"loss.class_weights={cw!r}: use null, median_frequency or a list of numbers")
+
+
+def _use_weight_map(
+    cfg: Config, data: TrainingData, class_weights: Tensor | None, model_kwargs: dict
+) -> tuple[SeededTransformDataset, nn.Module]:
+    """U-Net's border weight map: each augmented sample carries its map (w_c included, from
+    ``class_weights`` when given), and the loss becomes the pixel-weighted cross-entropy."""
+    opts = parse_weight_map(cfg.loss.weight_map)
+    if cfg.loss.name != "ce" or model_kwargs["num_classes"] < 2:
+        raise ConfigError(
+            f"loss.weight_map needs loss.name: ce and a model with >= 2 classes (got "
+            f"{cfg.loss.name!r}, {model_kwargs['num_classes']} classes)"
+        )
+    ignore_index = data.raw.ignore_index
+    wrapped = WithWeightMap(
+        data.transform,
+        **opts,
+        class_weights=class_weights,
+        ignore_index=ignore_index,
+        num_classes=model_kwargs["num_classes"],
+    )
+    return SeededTransformDataset(data.raw, wrapped), PixelWeightedCrossEntropy(ignore_index)
+
+
+def center_crop(t: Tensor, size: tuple[int, int]) -> Tensor:
+    """The centre ``size`` of ``t``'s last two dimensions: valid-padding networks see only the
+    centre of their input, so they train on the matching labels."""
+    h, w = t.shape[-2:]
+    top, left = (h - size[0]) // 2, (w - size[1]) // 2
+    return t[..., top : top + size[0], left : left + size[1]]
