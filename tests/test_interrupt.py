@@ -275,3 +275,23 @@ def test_real_signals_from_outside(data: Path, tmp_path: Path) -> None:
     b = load_checkpoint(out / "last.pt")
     assert a["step"] == b["step"] == 30
     assert _same(a["model"], b["model"])
+
+
+def test_resume_mid_epoch_with_dropout(data: Path, tmp_path: Path, monkeypatch) -> None:
+    """A model that draws from the global RNG while training (dropout here; Mask R-CNN's box
+    sampler too) resumes exactly from the middle of an epoch: the loader of the resumed epoch
+    must not draw from the global RNG where the uninterrupted run's did not."""
+    dropout = ["model.kwargs={base_channels: 4, depth: 2, batch_norm: true, dropout: 0.5}"]
+    over = COMMON + dropout + ["train.eval_every=0"]
+    trainer.train(load_config("unet_demo", tiny_recipe(data, tmp_path / "ref") + over))
+    out = tmp_path / "run"
+    cfg = load_config("unet_demo", tiny_recipe(data, out) + over)
+    _arm("optimizer step (post)", _Trigger(signal.SIGINT, 4), monkeypatch)  # step 4 of 3 per epoch
+    try:
+        with pytest.raises(Interrupted, match="SIGINT at step 4"):
+            trainer.train(cfg)
+    finally:
+        _Trigger.handle.remove()
+    monkeypatch.undo()
+    trainer.train(cfg, resume=True)
+    assert _same(_state(out), _state(tmp_path / "ref"))

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from denseseg.config import DataCfg
@@ -135,4 +136,8 @@ def train_loader(
         persistent_workers=False,
         collate_fn=collate,
         worker_init_fn=ignore_stop_signals,
+        # Its own generator: by default every new loader iterator draws its workers' base seed
+        # from the global RNG, one draw more after a resume mid-epoch than the uninterrupted
+        # run made there, which shifts dropout and Mask R-CNN's box sampling afterwards.
+        generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch),
     )
