@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from denseseg.api import load_model
+from denseseg.checkpoint import load_checkpoint
 from denseseg.config import config_from_dict
 from denseseg.data.registry import get_dataset
-from denseseg.engine.checkpoint import load_checkpoint
 from denseseg.engine.evaluate import evaluate
 from denseseg.engine.precise_bn import recipe_batches, recompute_bn_stats
 

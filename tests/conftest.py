@@ -94,7 +94,7 @@ def tiny_recipe(data_root: Path, out_dir: Path, **extra: object) -> list[str]:
 def save_em_checkpoint(path: Path, model_name: str, **kwargs: object) -> Path:
     """A checkpoint as ``denseseg train`` writes one, of an untrained two-class, one-channel
     model (membrane/cell): enough for pack, load and inference tests."""
-    from denseseg.engine.checkpoint import atomic_save
+    from denseseg.checkpoint import atomic_save
     from denseseg.models import create_model
 
     kwargs = {"num_classes": 2, "in_channels": 1, **kwargs}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -15,16 +14,6 @@ from denseseg.backbones import FeatureInfo, create_backbone
 from denseseg.backbones.mobilenet import MobileNetV3Backbone
 from denseseg.backbones.resnet import ResNetBackbone
 from denseseg.errors import ConfigError
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # These nets are tiny per call; on a shared two-core machine one thread avoids the OpenMP
-    # barriers that make two threads many times slower under load.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _check_feature_info(backbone: nn.Module, size: tuple[int, int]) -> list[torch.Tensor]:

@@ -31,11 +31,11 @@ import torch
 from PIL import Image
 
 from conftest import save_em_checkpoint, tiny_recipe, write_folder_dataset
+from denseseg.checkpoint import atomic_save, load_checkpoint
 from denseseg.cli import main
 from denseseg.config import RECIPE_DIR, load_config
 from denseseg.data.folder import FolderDataset
 from denseseg.data.io import show_path, write_image, write_mask
-from denseseg.engine.checkpoint import atomic_save, load_checkpoint
 from denseseg.errors import CheckpointError, DataError
 from denseseg.metrics import SegmentationMetrics, save_results
 from denseseg.pretrained import ENV_VAR, PACKAGE_DIR, pack

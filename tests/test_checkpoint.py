@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from denseseg.engine.checkpoint import (
+from denseseg.checkpoint.serialization import (
     atomic_save,
     load_checkpoint,
     rng_state,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -13,19 +12,10 @@ import torch.nn as nn
 from denseseg.errors import ConfigError
 from denseseg.layers import ASPP, ASPPPooling, ASPPv2
 from denseseg.models import create_model, get_model_entry, list_models
-from denseseg.models.deeplab import SegmentationModel
+from denseseg.models.base import SegmentationModel
 from denseseg.models.tv_layouts import TorchvisionLayoutModel
 
 TINY = {"backbone": "resnet18", "backbone_kwargs": {"width": 0.25}}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # One thread avoids the OpenMP barriers that make two threads slow on a shared machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _meta(name: str, **kwargs: object) -> SegmentationModel:

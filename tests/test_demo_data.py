@@ -1,4 +1,4 @@
-"""Tests for the procedural demo dataset (denseseg.data.demo)."""
+"""Tests for the procedural demo dataset (denseseg.data.demo_scenes)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from denseseg.data import demo
-from denseseg.data.demo import DEMO_CLASSES, DEMO_PALETTE, make_demo_dataset
+from denseseg.data import demo_scenes
+from denseseg.data.demo_scenes import DEMO_CLASSES, DEMO_PALETTE, make_demo_dataset
 from denseseg.errors import ConfigError, DataError
 
 SMALL = {"num_train": 6, "num_val": 3, "image_size": 48}
@@ -108,7 +108,7 @@ def test_cached_dataset_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("the cached dataset was generated again")
 
-    monkeypatch.setattr(demo, "render_scene", fail)
+    monkeypatch.setattr(demo_scenes, "render_scene", fail)
     assert make_demo_dataset(seed=2, **SMALL) == root
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == mtimes
     with pytest.raises(AssertionError, match="generated again"):
@@ -118,7 +118,7 @@ def test_cached_dataset_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_interrupted_generation_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_write = demo._write_sample
+    real_write = demo_scenes._write_sample
     calls = {"n": 0}
 
     def write_then_die(*args: object) -> None:
@@ -127,11 +127,11 @@ def test_interrupted_generation_leaves_nothing(
             raise KeyboardInterrupt
         real_write(*args)
 
-    monkeypatch.setattr(demo, "_write_sample", write_then_die)
+    monkeypatch.setattr(demo_scenes, "_write_sample", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         make_demo_dataset(tmp_path / "d", seed=0, **SMALL)
     assert list(tmp_path.iterdir()) == []  # neither the dataset nor a temporary folder
-    monkeypatch.setattr(demo, "_write_sample", real_write)
+    monkeypatch.setattr(demo_scenes, "_write_sample", real_write)
     root = make_demo_dataset(tmp_path / "d", seed=0, **SMALL)
     assert len((root / "train.txt").read_text().split()) == 6
 

@@ -12,8 +12,8 @@ from PIL import Image
 
 from conftest import tiny_recipe, write_folder_dataset
 from denseseg import Segmenter, create_model, load_model
+from denseseg.checkpoint import load_checkpoint
 from denseseg.config import load_config
-from denseseg.engine.checkpoint import load_checkpoint
 from denseseg.engine.optim import build_optimizer, lr_factor, param_groups
 from denseseg.engine.trainer import train
 from denseseg.errors import ConfigError

@@ -13,13 +13,13 @@ from PIL import Image
 
 from coco_fixtures import write_shapes_dataset
 from denseseg import load_model
+from denseseg.checkpoint import load_checkpoint
 from denseseg.cli import main
 from denseseg.config import DataCfg
 from denseseg.data.registry import get_dataset
-from denseseg.engine.checkpoint import load_checkpoint
 from denseseg.engine.tasks.instance import check_instance_data, instance_collate
 from denseseg.errors import ConfigError
-from denseseg.inference.instance import InstanceSegmenter
+from denseseg.inference.instance_segmenter import InstanceSegmenter
 
 TINY_MODEL = (
     "model.kwargs={norm: gn, backbone_width: 0.25, fpn_channels: 16, representation_size: 32, "

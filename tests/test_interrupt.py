@@ -18,8 +18,8 @@ import torch
 
 import denseseg.engine.trainer as trainer
 from conftest import tiny_recipe, write_folder_dataset
+from denseseg.checkpoint import atomic_save, load_checkpoint
 from denseseg.config import load_config
-from denseseg.engine.checkpoint import atomic_save, load_checkpoint
 from denseseg.engine.run_folder import RunLock
 from denseseg.engine.sampler import SeededTransformDataset
 from denseseg.engine.tasks import SemanticTask

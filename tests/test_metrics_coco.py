@@ -16,7 +16,7 @@ from torchvision.ops import masks_to_boxes
 from denseseg.data.coco_export import write_coco_split
 from denseseg.data.registry import get_dataset
 from denseseg.data.samples import voc_sample
-from denseseg.engine.instance import coco_results
+from denseseg.engine.predict import coco_results
 from denseseg.metrics.coco import CocoInstanceMetrics, format_coco_table
 
 

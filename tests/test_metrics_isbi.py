@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from denseseg.data.components import label_components
 from denseseg.metrics.isbi import ISBIMetrics, evaluate_isbi, rand_pair_counts, rand_scores
+from denseseg.ops.components import label_components
 
 
 def _brute_force_pairs(gt_cells: torch.Tensor, pred_cells: torch.Tensor) -> tuple[int, int, int]:

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 import denseseg
 from conftest import save_em_checkpoint, tiny_recipe
+from denseseg.checkpoint import atomic_save
 from denseseg.cli import main
 from denseseg.config import load_config
-from denseseg.engine.checkpoint import atomic_save
 from denseseg.engine.trainer import train
 from denseseg.errors import CheckpointError, ConfigError
 from denseseg.pretrained import ENV_VAR, list_builtin, load_builtin, pack, read_meta

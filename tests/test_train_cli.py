@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from conftest import tiny_recipe
+from denseseg.checkpoint import load_checkpoint
 from denseseg.cli import main
 from denseseg.config import load_config
-from denseseg.engine.checkpoint import load_checkpoint
 from denseseg.engine.trainer import train
 
 CKPT_KEYS = {

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn as nn
@@ -11,7 +9,7 @@ import torchvision.models.segmentation as tvseg
 
 from denseseg.errors import ConfigError
 from denseseg.models import create_model
-from denseseg.models.deeplab import SegmentationModel
+from denseseg.models.base import SegmentationModel
 from denseseg.models.tv_layouts import TorchvisionLayoutModel
 
 # torchvision's own numbers (its weights' "num_params"), aux head on, 21 classes.
@@ -23,15 +21,6 @@ COUNTS = {
     "deeplabv3_mobilenet_v3_large": 11_029_328,
     "lraspp_mobilenet_v3_large": 3_221_538,
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # One thread avoids the OpenMP barriers that make two threads slow on a shared machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _aux(name: str) -> dict[str, bool]:

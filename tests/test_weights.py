@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import urllib.error
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,21 +11,16 @@ import torchvision
 import torchvision.models.segmentation as tvseg
 from safetensors.torch import save_file
 
-from denseseg.engine.checkpoint import atomic_save
+from denseseg.checkpoint import (
+    LoadReport,
+    atomic_save,
+    load_backbone_weights,
+    load_model_weights,
+)
 from denseseg.errors import CheckpointError, ConfigError
 from denseseg.models import create_model
-from denseseg.models.weights import LoadReport, load_backbone_weights, load_model_weights
 
 TINY = {"backbone": "resnet18", "backbone_kwargs": {"width": 0.25}, "aspp_channels": 8}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # One thread avoids the OpenMP barriers that make two threads slow on a shared machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _tiny(num_classes: int = 3, seed: int = 0, **kwargs: object) -> torch.nn.Module:

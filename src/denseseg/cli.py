@@ -11,19 +11,17 @@ import errno
 import logging
 import math
 import os
-import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from tqdm.auto import tqdm
 
-from denseseg.errors import ConfigError, DataError, DensesegError
+from denseseg.errors import ConfigError, DensesegError
 
 if TYPE_CHECKING:
     from denseseg.config import DataCfg
-    from denseseg.inference.segmenter import Segmenter
 
 log = logging.getLogger("denseseg")
 
@@ -80,59 +78,36 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
     from denseseg.api import load_model
-    from denseseg.data.registry import get_dataset
-    from denseseg.engine.evaluate import evaluate
-    from denseseg.metrics import format_table, save_results
-    from denseseg.viz import plot_confusion_matrix, plot_per_class_iou
+    from denseseg.engine.evaluate import run_eval
+    from denseseg.engine.outputs import check_out_folder
 
     _check_json_path(args.json)
     out = Path(args.out)
-    _check_out_folder(out, f"--out {out}")
+    check_out_folder(out, f"--out {out}")
+    options = _reader_options(args.option)
     seg = load_model(args.model, device=args.device, **_tta_option(args))
-    if getattr(seg, "task", "semantic") == "instance":
-        from denseseg.engine.instance import run_instance_eval
-
-        path = run_instance_eval(
-            seg,
-            args.dataset,
-            args.root,
-            args.split,
-            args.out,
-            json_path=args.json,
-            batch_size=args.batch_size,
-            num_workers=args.workers,
-        )
-        _say(f"wrote {path}")
-        return 0
-    ds = get_dataset(args.dataset, args.root, args.split, **_reader_options(args.option))
-    if ds.num_classes != seg.num_classes:
-        raise DataError(
-            f"dataset {args.root} has {ds.num_classes} classes, model {args.model} predicts "
-            f"{seg.num_classes}"
-        )
-    metrics = evaluate(
-        seg, ds, batch_size=args.batch_size, num_workers=args.workers, absent=args.absent
+    written = run_eval(
+        seg,
+        args.dataset,
+        args.root,
+        args.split,
+        out,
+        json_path=args.json,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        absent=args.absent,
+        options=options,
+        say=_say,
     )
-    results = metrics.compute()
-    _say(format_table(results, seg.class_names))
-    out.mkdir(parents=True, exist_ok=True)
-    written = save_results(results, seg.class_names, out, confusion=metrics.confusion)
-    if args.json:
-        _copy_file(Path(written["json"]), Path(args.json))
-    plot_confusion_matrix(metrics.confusion, seg.class_names, out / "confusion_matrix.png")
-    plot_per_class_iou(
-        results["IoU"],
-        seg.class_names,
-        out / "per_class_iou.png",
-        title=f"{args.split}",
-        palette=seg.palette,
-    )
-    _say(f"wrote {out}/metrics.json, per_class.csv, confusion_matrix.png, per_class_iou.png")
+    first, *rest = [path for kind, path in written.items() if kind != "copy"]
+    _say(f"wrote {', '.join([str(first), *(p.name for p in rest)])}")
     return 0
 
 
 def _check_json_path(path: str | None) -> None:
     """Refuse an ``--json`` that is a folder (or names one) before any work is done."""
+    from denseseg.engine.outputs import check_out_folder
+
     if path is None:
         return
     if not path or Path(path).is_dir() or path.endswith(("/", os.sep)):
@@ -140,216 +115,28 @@ def _check_json_path(path: str | None) -> None:
             f"--json {path!r} is not a file path; give a file to write, e.g. "
             f"{Path(path or '.') / 'metrics.json'}"
         )
-    _check_out_folder(Path(path).parent, f"--json {path}")
-
-
-def _check_out_folder(folder: Path, option: str) -> None:
-    """Refuse an output folder that is a file or lies under one, before any work is done.
-
-    Args:
-        folder: the folder to write into (it may not exist yet).
-        option: the option and value named in the error, e.g. ``"--out runs/x"``.
-    """
-    for part in (folder, *folder.parents):
-        if part.exists():
-            if not part.is_dir():
-                raise ConfigError(f"{option}: {part} is a file, not a folder; choose another")
-            return
-
-
-def _copy_file(src: Path, dst: Path) -> None:
-    if dst.exists() and os.path.samefile(src, dst):
-        return  # --json names the metrics.json already written
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
+    check_out_folder(Path(path).parent, f"--json {path}")
 
 
 # ---------------------------------------------------------------------------- predict
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-
-def _list_inputs(path: Path) -> list[Path]:
-    """The image files to segment: ``path`` itself, or the images in the folder ``path``
-    (hidden files, whose names start with ``.``, are skipped)."""
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
-        files = [p for p in found if not p.name.startswith(".") and p.is_file()]
-        hidden = [p.name for p in found if p.name.startswith(".")]
-        if hidden:
-            log.info("skipped %d hidden file(s) in %s: %s", len(hidden), path, ", ".join(hidden))
-        if not files:
-            raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) in folder {path}")
-        return files
-    raise DataError(f"input {path} does not exist; give an image file or a folder of images")
-
-
-def _refuse_out_in_input(source: Path, out: Path) -> None:
-    """Refuse an output folder that is the input folder (or lies inside it), or that is the
-    folder of the input file: predictions would land among, or over, the images."""
-    dst = out.resolve()
-    if source.is_dir():
-        src = source.resolve()
-        if dst == src or src in dst.parents:
-            where = "is" if dst == src else "lies inside"
-            raise ConfigError(
-                f"--out {out} {where} the input folder {source}; predictions would be written "
-                "among (or over) the images: choose an --out outside it"
-            )
-        return
-    folders = {source.resolve().parent, source.absolute().parent.resolve()}
-    if dst in folders:
-        raise ConfigError(
-            f"--out {out} is the folder of the input {source}; predictions would be written "
-            "among (or over) the images: choose another --out"
-        )
-
-
-def _output_stem(path: Path) -> str:
-    # Leading dots would hide the outputs, and "..png" would lose its suffix ("_.png").
-    return path.stem.lstrip(".") or "_"
-
-
-def _plan_outputs(
-    files: Sequence[Path], out: Path, instance: bool, probs: bool
-) -> dict[Path, list[Path]]:
-    """The files each input gets in ``out``; refuses two inputs that would share one.
-
-    Semantic models: ``STEM.png`` (label map), ``STEM_overlay.png`` and, with ``probs``,
-    ``STEM_probs.npy``; instance models: ``STEM_instances.png``.
-    """
-    owner: dict[str, Path] = {}
-    plan = {}
-    for path in files:
-        stem = _output_stem(path)
-        names = [f"{stem}_instances.png"] if instance else [f"{stem}.png", f"{stem}_overlay.png"]
-        if probs and not instance:
-            names.append(f"{stem}_probs.npy")
-        for name in names:
-            first = owner.setdefault(os.path.normcase(name), path)
-            if first != path:
-                raise ConfigError(
-                    f"inputs {first} and {path} would both be written as {out / name}; rename "
-                    "one of them or predict them separately"
-                )
-        plan[path] = [out / name for name in names]
-    return plan
-
-
-class _NoClobber:
-    """Refuses to write over an input image, or over a file this run has already written.
-
-    Files are told apart by device and inode, so a symlink or hard link to an input, and
-    names a case-insensitive folder takes as one file, are caught too. Called with each
-    output just before it is written; the previous output is recorded then.
-    """
-
-    def __init__(self, inputs: Sequence[Path]) -> None:
-        self.owner: dict[tuple[int, int], str] = {}
-        for path in inputs:
-            self._record(path, f"the input image {path}")
-        self.pending: tuple[Path, str] | None = None
-
-    def __call__(self, target: Path, source: Path | None = None) -> None:
-        if self.pending is not None:
-            self._record(*self.pending)
-        self.check(target)
-        self.pending = (target, f"written a moment ago for {source or 'this run'}")
-
-    def check(self, target: Path) -> None:
-        key = _file_key(target)
-        what = self.owner.get(key) if key is not None else None
-        if what is not None:
-            raise DataError(
-                f"will not write {target}: it is {what}; rename one of the inputs or choose "
-                "another --out"
-            )
-
-    def _record(self, path: Path, what: str) -> None:
-        key = _file_key(path)
-        if key is not None:
-            self.owner.setdefault(key, what)
-
-
-def _file_key(path: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return st.st_dev, st.st_ino
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     from denseseg.api import load_model
+    from denseseg.engine.predict import predict_folder
 
     fast = {"fast": True} if args.fast else {}
     seg = load_model(
         args.model, device=args.device, threshold=args.threshold, **fast, **_tta_option(args)
     )
-    source, out = Path(args.input), Path(args.out)
-    files = _list_inputs(source)
-    _check_out_folder(out, f"--out {out}")
-    _refuse_out_in_input(source, out)
-    instance = getattr(seg, "task", "semantic") == "instance"
-    plan = _plan_outputs(files, out, instance, args.probs)
-    guard = _NoClobber(files)
-    for targets in plan.values():
-        for target in targets:
-            guard.check(target)
-    out.mkdir(parents=True, exist_ok=True)
-    if instance:
-        from denseseg.engine.instance import predict_instances
-
-        path = predict_instances(
-            seg,
-            files,
-            out,
-            batch_size=args.batch_size,
-            alpha=args.alpha,
-            picture_names=[plan[f][0].name for f in files],
-            before_write=guard,
-        )
-        _say(f"wrote {len(files)} instance pictures and {path.name} to {out}")
+    done = predict_folder(
+        seg, args.input, args.out, batch_size=args.batch_size, alpha=args.alpha, probs=args.probs
+    )
+    out, n = Path(args.out), len(done.inputs)
+    if done.results is not None:  # an instance model
+        _say(f"wrote {n} instance pictures and {done.results.name} to {out}")
         return 0
-    n = _predict_semantic(seg, files, plan, args, guard)
     what = "label maps, overlays and probabilities" if args.probs else "label maps and overlays"
     _say(f"wrote the {what} of {n} image(s) to {out}")
     return 0
-
-
-def _predict_semantic(
-    seg: Segmenter,
-    files: Sequence[Path],
-    plan: dict[Path, list[Path]],
-    args: argparse.Namespace,
-    guard: Callable[[Path, Path], None],
-) -> int:
-    """Write each input's label map, overlay (and probabilities); returns how many inputs."""
-    import numpy as np
-
-    from denseseg.data.io import atomic_write, read_image, write_image, write_mask
-    from denseseg.data.palette import overlay
-
-    written = 0
-    with tqdm(total=len(files), desc="predict", unit="img", dynamic_ncols=True) as bar:
-        for i in range(0, len(files), args.batch_size):
-            chunk = files[i : i + args.batch_size]
-            images = [read_image(p) for p in chunk]
-            labels, probs = seg.predict_batch(images, return_probs=args.probs)
-            for k, (path, image, label) in enumerate(zip(chunk, images, labels)):
-                label_path, overlay_path, *probs_path = plan[path]
-                guard(label_path, path)
-                write_mask(label_path, label, palette=seg.palette)
-                guard(overlay_path, path)
-                write_image(overlay_path, overlay(image, label, seg.palette, alpha=args.alpha))
-                if probs is not None:
-                    guard(probs_path[0], path)
-                    with atomic_write(probs_path[0], "probabilities") as fh:
-                        np.save(fh, probs[k].numpy().astype(np.float16))
-                written += 1
-            bar.update(len(chunk))
-    return written
 
 
 # ---------------------------------------------------------------------------- demo
@@ -427,18 +214,15 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 def cmd_browse(args: argparse.Namespace) -> int:
     from denseseg.data.browse import browse
     from denseseg.data.registry import get_dataset
-    from denseseg.data.transforms import build_transforms, default_mean_std
+    from denseseg.engine.training_data import training_pipeline
 
     dataset, root, options, dc = _data_source(args)
     split = args.split or dc.train_split
     ds = get_dataset(dataset, root, split, **options)
     transform, mean, std = None, None, None
-    if args.augment:
-        mean, std = default_mean_std(ds.in_channels)
-        mean, std = list(dc.mean or mean), list(dc.std or std)
-        transform = build_transforms(
-            True, mean=mean, std=std, ignore_index=ds.ignore_index, **dc.transform_kwargs()
-        )
+    if args.augment:  # the recipe's own training augmentation and normalisation
+        pipeline = training_pipeline(dc, ds)
+        transform, mean, std = pipeline.transform, pipeline.mean, pipeline.std
     out = browse(ds, args.out, n=args.n, transform=transform, mean=mean, std=std, seed=args.seed)
     _say(f"wrote {out} ({min(args.n, len(ds))} samples of {dataset} {split})")
     return 0
@@ -512,10 +296,25 @@ _WORKERS = _int_at_least(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``denseseg`` parser: one sub-command per ``_add_*`` function below."""
     p = _Parser(prog="denseseg", description="Semantic segmentation toolkit.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (
+        _add_train,
+        _add_eval,
+        _add_predict,
+        _add_demo,
+        _add_check_data,
+        _add_browse,
+        _add_pack,
+        _add_models,
+    ):
+        add(sub)
+    return p
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train a model from a YAML recipe")
     t.add_argument("config", help="recipe YAML file or built-in recipe name (e.g. unet_demo)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.02")
@@ -529,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.set_defaults(func=cmd_train)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="evaluate a checkpoint on a dataset split")
     e.add_argument(
         "--model", required=True, help="checkpoint (.pt) or built-in model name (e.g. camvid)"
@@ -560,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tta(e)
     e.set_defaults(func=cmd_eval)
 
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser(
         "predict",
         help="segment an image or a folder of images",
@@ -592,11 +395,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tta(r)
     r.set_defaults(func=cmd_predict)
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("demo", help="train and compare pixelwise vs U-Net on the demo data")
     d.add_argument("--out", type=_path, default="runs/demo")
     d.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests)")
     d.set_defaults(func=cmd_demo)
 
+
+def _add_check_data(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("check-data", help="check a dataset: counts, class pixels, bad files")
     _add_data_source(c)
     c.add_argument(
@@ -611,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_check_data)
 
+
+def _add_browse(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("browse", help="grid picture of samples with their masks overlaid")
     _add_data_source(b)
     b.add_argument("--split", default=None, help="split (default: the recipe's train split)")
@@ -620,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=_path, default="runs/browse/grid.png", help="PNG file to write")
     b.set_defaults(func=cmd_browse)
 
+
+def _add_pack(sub: argparse._SubParsersAction) -> None:
     k = sub.add_parser("pack", help="package a checkpoint as a built-in model (developers)")
     k.add_argument("checkpoint", help="checkpoint (.pt) written by denseseg train")
     k.add_argument("name", help="built-in name, e.g. camvid")
@@ -653,9 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--root", default=None, help="training data folder for --precise-bn")
     k.set_defaults(func=cmd_pack)
 
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("models", help="list registered models")
     m.set_defaults(func=cmd_models)
-    return p
 
 
 def _add_tta(parser: argparse.ArgumentParser, help: str | None = None) -> None:

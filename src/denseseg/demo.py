@@ -1,8 +1,10 @@
-"""``denseseg demo``: the seed's first lesson, end to end on the built-in demo data.
+"""``denseseg demo``: per-pixel colour against context, end to end on the built-in demo data.
 
-It trains the lecture's naive per-pixel colour classifier (``pixelwise``) and a U-Net ("using
-the context of pixels") with the built-in recipes ``pixelwise_demo`` and ``unet_demo``, evaluates
-both on the validation split, and writes a report with pictures into the output folder.
+It trains a naive per-pixel colour classifier (``pixelwise``: 1x1 convolutions, each pixel
+classified on its own colour) and a U-Net, which sees each pixel's neighbourhood, with the
+built-in recipes ``pixelwise_demo`` and ``unet_demo``; evaluates both on the validation split
+(:func:`denseseg.engine.evaluate.evaluate` and :func:`~denseseg.engine.evaluate.semantic_report`);
+and writes ``report.md`` with pictures into the output folder.
 """
 
 from __future__ import annotations
@@ -35,10 +37,10 @@ def run_demo(
     """
     from denseseg.api import load_model
     from denseseg.data.registry import get_dataset
-    from denseseg.engine.evaluate import evaluate
+    from denseseg.engine.evaluate import evaluate, semantic_report
     from denseseg.engine.trainer import train
-    from denseseg.metrics import format_table, save_results
-    from denseseg.viz import plot_confusion_matrix, plot_per_class_iou, plot_training_curves
+    from denseseg.metrics import format_table
+    from denseseg.viz import plot_training_curves
 
     t0 = time.time()
     out = Path(out_dir)
@@ -67,16 +69,16 @@ def run_demo(
         val = get_dataset(cfg.data.dataset, cfg.data.root, cfg.data.val_split, **cfg.data.demo)
         metrics = evaluate(seg, val, batch_size=cfg.data.eval_batch_size, progress=progress)
         res = metrics.compute()
-        results[name] = {"metrics": res, "segmenter": seg, "confusion": metrics.confusion}
-        save_results(res, seg.class_names, run, confusion=metrics.confusion)
-        plot_confusion_matrix(
+        results[name] = {"metrics": res, "segmenter": seg}
+        semantic_report(
+            res,
             metrics.confusion,
-            seg.class_names,
-            out / f"confusion_{name}.png",
-            title=f"{name}: confusion matrix",
-        )
-        plot_per_class_iou(
-            res["IoU"], seg.class_names, out / f"iou_{name}.png", title=name, palette=seg.palette
+            seg,
+            run,
+            title=name,
+            confusion_png=out / f"confusion_{name}.png",
+            confusion_title=f"{name}: confusion matrix",
+            iou_png=out / f"iou_{name}.png",
         )
         print(f"\n{name} on the demo val split:\n{format_table(res, seg.class_names)}\n")
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch.nn as nn
 
+from denseseg.checkpoint import WeightsSource, load_backbone_weights
 from denseseg.errors import ConfigError
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -49,3 +52,20 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
             f"unknown backbone {name!r}; choose one of: {', '.join(list_backbones())}"
         )
     return _BACKBONES[name](**kwargs)
+
+
+def with_weights(backbone: ModuleT, weights: WeightsSource | None) -> ModuleT:
+    """``backbone`` after loading ``weights`` into it, for a builder's ``weights=`` option.
+
+    Args:
+        backbone: a freshly built backbone.
+        weights: a file, a torchvision weights name or a state_dict
+            (:func:`~denseseg.checkpoint.load_backbone_weights`); ``None`` leaves the backbone as
+            it was built.
+
+    Returns:
+        ``backbone``.
+    """
+    if weights is not None:
+        load_backbone_weights(backbone, weights)
+    return backbone

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torchvision
 from torch import Tensor
 
-from denseseg.backbones._registry import FeatureInfo, register_backbone
+from denseseg.backbones._registry import FeatureInfo, register_backbone, with_weights
 from denseseg.errors import ConfigError
 
 OUTPUT_STRIDES = (8, 16, 32)
@@ -190,8 +190,4 @@ def mobilenet_v3_large(
         in_channels=in_channels,
         out_indices=out_indices,
     )
-    if weights is not None:
-        from denseseg.models.weights import load_backbone_weights
-
-        load_backbone_weights(backbone, weights)
-    return backbone
+    return with_weights(backbone, weights)

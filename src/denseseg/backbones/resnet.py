@@ -31,7 +31,7 @@ import torchvision
 from torch import Tensor
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from denseseg.backbones._registry import FeatureInfo, register_backbone
+from denseseg.backbones._registry import FeatureInfo, register_backbone, with_weights
 from denseseg.errors import ConfigError
 
 DEPTHS = (18, 34, 50, 101)
@@ -232,11 +232,7 @@ def _builder(depth: int):  # noqa: ANN202 - returns a registered builder
             in_channels=in_channels,
             width=width,
         )
-        if weights is not None:
-            from denseseg.models.weights import load_backbone_weights
-
-            load_backbone_weights(backbone, weights)
-        return backbone
+        return with_weights(backbone, weights)
 
     build.__name__ = f"resnet{depth}"
     build.__doc__ = f"""ResNet-{depth} (torchvision) as a backbone; see :class:`ResNetBackbone`.

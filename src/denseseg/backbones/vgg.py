@@ -5,7 +5,7 @@ with configuration "D"; ``torchvision.models.AlexNet().features``), kept under t
 ``features`` so parameter names read ``features.N.weight`` exactly as in a torchvision
 classification state_dict: an ImageNet file (or a torchvision weights name such as
 ``"IMAGENET1K_V1"``) loads with ``weights=`` through ``load_backbone_weights`` of
-:mod:`denseseg.models.weights`; its ``classifier.*`` entries are skipped here, and
+:mod:`denseseg.checkpoint.weights`; its ``classifier.*`` entries are skipped here, and
 :mod:`denseseg.models.convert` / the FCN models turn them into convolutions.
 
 Options beyond torchvision's layout, all off by default:
@@ -23,6 +23,7 @@ pool1..pool5; AlexNet: 8, 16, 32), described by ``feature_info``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,7 +33,7 @@ import torchvision
 from torch import Tensor
 from torchvision.models.vgg import cfgs, make_layers
 
-from denseseg.backbones._registry import FeatureInfo, register_backbone
+from denseseg.backbones._registry import FeatureInfo, register_backbone, with_weights
 from denseseg.errors import ConfigError
 
 
@@ -143,123 +144,83 @@ def _torchvision_init(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def _build(
-    name: str,
-    features: nn.Sequential,
-    *,
-    in_channels: int,
-    width: float,
-    first_padding: int | None,
-    ceil_mode: bool,
-    weights: str | Path | None,
-) -> PoolingTrunk:
-    if not isinstance(in_channels, int) or in_channels < 1:
-        raise ConfigError(f"backbone {name}: in_channels={in_channels!r} must be an integer >= 1")
-    if not width > 0:
-        raise ConfigError(f"backbone {name}: width={width!r} must be > 0")
-    if weights is not None and width != 1.0:
-        raise ConfigError(f"backbone {name}: weights= needs width=1 (the file's layout)")
-    features = _rescale(features, in_channels, width)
-    _torchvision_init(features)
-    if first_padding is not None:
-        features[0].padding = (first_padding, first_padding)
-    for m in features:
-        if isinstance(m, nn.MaxPool2d):
-            m.ceil_mode = ceil_mode
-    trunk = PoolingTrunk(features, name)
-    if weights is not None:
-        # Imported here: the loader imports the engine, which imports the models.
-        from denseseg.models.weights import load_backbone_weights
+def _trunk_builder(
+    name: str, make_features: Callable[[], nn.Sequential], summary: str
+) -> Callable[..., PoolingTrunk]:
+    """Register the backbone ``name``: the :class:`PoolingTrunk` of ``make_features()``."""
 
-        load_backbone_weights(trunk, weights)
-    return trunk
+    def build(
+        *,
+        in_channels: int = 3,
+        width: float = 1.0,
+        first_padding: int | None = None,
+        ceil_mode: bool = False,
+        weights: str | Path | None = None,
+    ) -> PoolingTrunk:
+        features = make_features()
+        if not isinstance(in_channels, int) or in_channels < 1:
+            raise ConfigError(
+                f"backbone {name}: in_channels={in_channels!r} must be an integer >= 1"
+            )
+        if not width > 0:
+            raise ConfigError(f"backbone {name}: width={width!r} must be > 0")
+        if weights is not None and width != 1.0:
+            raise ConfigError(f"backbone {name}: weights= needs width=1 (the file's layout)")
+        features = _rescale(features, in_channels, width)
+        _torchvision_init(features)
+        if first_padding is not None:
+            features[0].padding = (first_padding, first_padding)
+        for m in features:
+            if isinstance(m, nn.MaxPool2d):
+                m.ceil_mode = ceil_mode
+        return with_weights(PoolingTrunk(features, name), weights)
 
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = f"""{summary}
 
-@register_backbone("vgg16")
-def vgg16(
-    *,
-    in_channels: int = 3,
-    width: float = 1.0,
-    first_padding: int | None = None,
-    ceil_mode: bool = False,
-    weights: str | Path | None = None,
-) -> PoolingTrunk:
-    """VGG-16 conv1_1..pool5 (torchvision configuration "D"); 14,714,688 parameters.
+        Args:
+            in_channels: input channels.
+            width: channel multiplier (1 = torchvision's channels).
+            first_padding: padding of the first convolution (``None``: torchvision's; FCN pads
+                conv1_1 by 100).
+            ceil_mode: round pooling sizes up (Caffe).
+            weights: a torchvision ``{name}`` state_dict file (ImageNet weights), a denseseg or
+                safetensors file, or a torchvision weights name (``"IMAGENET1K_V1"``).
 
-    Args:
-        in_channels: input channels.
-        width: channel multiplier (1 = 64..512 channels).
-        first_padding: padding of conv1_1 (``None``: torchvision's 1; FCN uses 100).
-        ceil_mode: round pooling sizes up (Caffe).
-        weights: a torchvision ``vgg16`` state_dict file (ImageNet weights), a denseseg or
-            safetensors file, or a torchvision weights name (``"IMAGENET1K_V1"``).
-
-    Returns:
-        The trunk; five levels at strides 2..32 with 64, 128, 256, 512, 512 channels.
-    """
-    return _build(
-        "vgg16",
-        make_layers(cfgs["D"], batch_norm=False),
-        in_channels=in_channels,
-        width=width,
-        first_padding=first_padding,
-        ceil_mode=ceil_mode,
-        weights=weights,
-    )
+        Returns:
+            The trunk (see :class:`PoolingTrunk`).
+        """
+    return register_backbone(name)(build)
 
 
-@register_backbone("vgg16_bn")
-def vgg16_bn(
-    *,
-    in_channels: int = 3,
-    width: float = 1.0,
-    first_padding: int | None = None,
-    ceil_mode: bool = False,
-    weights: str | Path | None = None,
-) -> PoolingTrunk:
-    """VGG-16 with batch norm after every convolution (torchvision ``vgg16_bn``); options as
-    :func:`vgg16`, ``weights`` a torchvision ``vgg16_bn`` state_dict file."""
-    return _build(
-        "vgg16_bn",
-        make_layers(cfgs["D"], batch_norm=True),
-        in_channels=in_channels,
-        width=width,
-        first_padding=first_padding,
-        ceil_mode=ceil_mode,
-        weights=weights,
-    )
-
-
-@register_backbone("alexnet")
-def alexnet(
-    *,
-    in_channels: int = 3,
-    width: float = 1.0,
-    first_padding: int | None = None,
-    ceil_mode: bool = False,
-    weights: str | Path | None = None,
-) -> PoolingTrunk:
-    """AlexNet conv1..pool5 as in torchvision (the "one weird trick" variant: 64-192-384-256-256
-    channels, no LRN, no groups); options as :func:`vgg16` (``first_padding=None`` keeps 2).
-
-    Returns:
-        The trunk; three levels (pool1, pool2, pool5) at strides 8, 16, 32 with 64, 192, 256
-        channels. Unpadded 3x3 stride-2 poolings make the maps slightly smaller than ``H / 8``.
-    """
+def _alexnet_features() -> nn.Sequential:
     # torchvision builds AlexNet's features inside the classifier class; building the class on
     # the meta device costs nothing and the layers are re-created for real just below.
     with torch.device("meta"):
         template = torchvision.models.alexnet(weights=None).features
-    features = nn.Sequential(*(_materialise(m) for m in template))
-    return _build(
-        "alexnet",
-        features,
-        in_channels=in_channels,
-        width=width,
-        first_padding=first_padding,
-        ceil_mode=ceil_mode,
-        weights=weights,
-    )
+    return nn.Sequential(*(_materialise(m) for m in template))
+
+
+vgg16 = _trunk_builder(
+    "vgg16",
+    lambda: make_layers(cfgs["D"], batch_norm=False),
+    """VGG-16 conv1_1..pool5 (torchvision configuration "D"); 14,714,688 parameters; five
+        levels at strides 2..32 with 64, 128, 256, 512, 512 channels.""",
+)
+vgg16_bn = _trunk_builder(
+    "vgg16_bn",
+    lambda: make_layers(cfgs["D"], batch_norm=True),
+    """VGG-16 with batch norm after every convolution (torchvision ``vgg16_bn``); the levels
+        of ``vgg16``.""",
+)
+alexnet = _trunk_builder(
+    "alexnet",
+    _alexnet_features,
+    """AlexNet conv1..pool5 as in torchvision (the "one weird trick" variant: 64-192-384-256-256
+        channels, no LRN, no groups); ``first_padding=None`` keeps its 2. Three levels (pool1,
+        pool2, pool5) at strides 8, 16, 32 with 64, 192, 256 channels; unpadded 3x3 stride-2
+        poolings make the maps slightly smaller than ``H / 8``.""",
+)
 
 
 def _materialise(m: nn.Module) -> nn.Module:

@@ -9,7 +9,7 @@
   ``CocoDataset``); :mod:`denseseg.data.registry`: ``get_dataset`` opens any format by name.
 - :mod:`denseseg.data.transforms`: ``build_transforms`` (image and mask move together).
 - :mod:`denseseg.data.stats`: class pixel counts and median frequency weights.
-- :mod:`denseseg.data.demo`: ``make_demo_dataset``, procedural scenes for a first run.
+- :mod:`denseseg.data.demo_scenes`: ``make_demo_dataset``, procedural scenes for a first run.
 """
 
 from denseseg.data.datasets import (
@@ -23,7 +23,7 @@ from denseseg.data.datasets import (
     ade20k_to_submission,
     cityscapes_to_label_ids,
 )
-from denseseg.data.demo import make_demo_dataset
+from denseseg.data.demo_scenes import make_demo_dataset
 from denseseg.data.folder import FolderDataset, available_splits
 from denseseg.data.io import image_info, read_image, read_mask, write_image, write_mask
 from denseseg.data.palette import colorize, default_palette, overlay, palette_to_flat

@@ -25,6 +25,7 @@ from denseseg.data.palette import Color
 from denseseg.data.registry import get_dataset
 from denseseg.data.stats import class_frequency_counts
 from denseseg.errors import DataError
+from denseseg.viz import _plain_all, _save, plain_text, plt  # Agg backend, set up in viz
 
 __all__ = [
     "DataReport",
@@ -250,8 +251,6 @@ def plot_class_histogram(report: DataReport, path: str | Path) -> Path:
     Returns:
         ``path``.
     """
-    from denseseg.viz import _plain_all, _save, plain_text, plt  # Agg backend, set up in viz
-
     n, k = len(report.classes), max(len(report.splits), 1)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * n * k + 2), 4.2))
     width = 0.8 / k

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable
 from pathlib import Path
@@ -11,17 +10,26 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from denseseg.data.datasets import (
+    ADE20KDataset,
+    CamVidDataset,
+    CityscapesDataset,
+    CocoDataset,
+    ISBI2012Dataset,
+    VOCDataset,
+)
+from denseseg.data.demo_scenes import make_demo_dataset
+from denseseg.data.folder import FolderDataset
 from denseseg.errors import ConfigError, DataError
 
-# Format name -> "module:class"; imported on use so that opening one format never needs another
-# format's optional dependency (pycocotools for coco).
-_READERS: dict[str, str] = {
-    "voc": "denseseg.data.datasets.voc:VOCDataset",
-    "cityscapes": "denseseg.data.datasets.cityscapes:CityscapesDataset",
-    "ade20k": "denseseg.data.datasets.ade20k:ADE20KDataset",
-    "camvid": "denseseg.data.datasets.camvid:CamVidDataset",
-    "isbi2012": "denseseg.data.datasets.isbi2012:ISBI2012Dataset",
-    "coco": "denseseg.data.datasets.coco:CocoDataset",
+# Format name -> reader class. (CocoDataset imports pycocotools only when it opens a file.)
+_READERS: dict[str, type] = {
+    "voc": VOCDataset,
+    "cityscapes": CityscapesDataset,
+    "ade20k": ADE20KDataset,
+    "camvid": CamVidDataset,
+    "isbi2012": ISBI2012Dataset,
+    "coco": CocoDataset,
 }
 
 DATASETS = ("folder", "demo", *_READERS)
@@ -39,13 +47,10 @@ def dataset_class(dataset: str) -> type:
         ``transforms`` are the format's options.
     """
     if dataset == "folder":
-        from denseseg.data.folder import FolderDataset
-
         return FolderDataset
     if dataset not in _READERS:
         raise ConfigError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
-    module, name = _READERS[dataset].split(":")
-    return getattr(importlib.import_module(module), name)
+    return _READERS[dataset]
 
 
 def _format_options(cls: type) -> list[str]:
@@ -85,9 +90,6 @@ def get_dataset(
         DataError: The root does not exist, or the layout or split is wrong.
     """
     if dataset == "demo":
-        from denseseg.data.demo import make_demo_dataset
-        from denseseg.data.folder import FolderDataset
-
         # Generated on first use, then reused from its cache (or from ``root`` when given).
         root = make_demo_dataset(root, **options)
         return FolderDataset(root, split=split, transforms=transforms)

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from denseseg.data.coco_export import Instances, label_image_instances
+from denseseg.data.coco_export import Instances
 from denseseg.errors import ConfigError
 
-__all__ = ["nuclei_instances", "nuclei_sample", "stretch_to_uint8", "voc_sample"]
+__all__ = ["nuclei_sample", "stretch_to_uint8", "voc_sample"]
 
 
 def _package_dir(name: str) -> Path | None:
@@ -73,9 +73,3 @@ def nuclei_sample() -> tuple[np.ndarray, np.ndarray]:
     if not files or not all(f.is_file() for f in files):
         raise ConfigError("the nuclei sample needs stardist's data: pip install --no-deps stardist")
     return np.array(Image.open(files[0])), np.array(Image.open(files[1]))
-
-
-def nuclei_instances() -> tuple[np.ndarray, Instances]:
-    """The nuclei image stretched to ``uint8 (512, 512)`` and its 125 instances (category 1)."""
-    image, labels = nuclei_sample()
-    return stretch_to_uint8(image), label_image_instances(labels)

@@ -1,6 +1,6 @@
 """Training, evaluation and checkpoints."""
 
-from denseseg.engine.checkpoint import atomic_save, load_checkpoint
+from denseseg.checkpoint import atomic_save, load_checkpoint
 from denseseg.engine.evaluate import evaluate
 from denseseg.engine.trainer import train
 

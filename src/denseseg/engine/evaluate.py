@@ -1,15 +1,34 @@
-"""Evaluation of a Segmenter on a dataset at the images' original resolution."""
+"""Evaluation at the images' original resolution: metrics, and the report ``denseseg eval`` writes.
+
+:func:`evaluate` fills a streaming :class:`SegmentationMetrics` from a Segmenter's predictions;
+:func:`run_eval` is ``denseseg eval`` for semantic and instance models alike (metrics table,
+``metrics.json``; for semantic models also ``per_class.csv`` and two pictures,
+:func:`semantic_report`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from denseseg.data.io import atomic_write
+from denseseg.data.registry import get_dataset
+from denseseg.errors import ConfigError, DataError
+from denseseg.inference.build import source_name
+from denseseg.inference.instance_segmenter import InstanceSegmenter
 from denseseg.inference.segmenter import Segmenter
-from denseseg.metrics import SegmentationMetrics
+from denseseg.metrics import SegmentationMetrics, format_table, save_results
+from denseseg.metrics.coco import CocoInstanceMetrics, format_coco_table
+
+__all__ = ["eval_batches", "evaluate", "evaluate_instances", "run_eval", "semantic_report"]
 
 
 def _list_collate(batch: Sequence) -> tuple[list, list]:
@@ -65,3 +84,189 @@ def evaluate(
         for pred, target in zip(labels, targets):
             metrics.update(pred, target)
     return metrics
+
+
+def evaluate_instances(
+    segmenter: InstanceSegmenter,
+    dataset: Dataset,
+    *,
+    batch_size: int = 2,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict[str, float]:
+    """COCO box and mask AP of ``segmenter`` on ``dataset`` (raw uint8 items, instance targets).
+
+    Returns:
+        See :meth:`CocoInstanceMetrics.compute` (``segm_AP``, ``bbox_AP50``, ...).
+    """
+    metrics = CocoInstanceMetrics(segmenter.class_names, segmenter.max_detections)
+    total = (len(dataset) + batch_size - 1) // batch_size  # type: ignore[arg-type]
+    batches = eval_batches(dataset, batch_size, num_workers)
+    for images, targets in tqdm(
+        batches, total=total, desc="eval", disable=not progress, leave=False, dynamic_ncols=True
+    ):
+        for target, pred in zip(targets, segmenter.predict_batch(images)):
+            metrics.update(target, pred)
+    return metrics.compute()
+
+
+def run_eval(
+    predictor: Segmenter | InstanceSegmenter,
+    dataset: str,
+    root: str | None,
+    split: str,
+    out: str | Path,
+    *,
+    json_path: str | Path | None = None,
+    batch_size: int = 4,
+    num_workers: int = 0,
+    absent: str = "nan",
+    options: Mapping[str, Any] | None = None,
+    say: Callable[[str], None] = print,
+) -> dict[str, Path]:
+    """Evaluate ``predictor`` on a dataset split and write the report into ``out``.
+
+    Semantic models: the metrics table is printed; ``metrics.json``, ``per_class.csv``,
+    ``confusion_matrix.png`` and ``per_class_iou.png`` are written (:func:`semantic_report`).
+    Instance models (COCO-format data only): the COCO AP table is printed and ``metrics.json``
+    written; the reader gets ``target="instance"`` and, for the format the model was trained
+    on, the training recipe's category mapping, so the classes line up.
+
+    Args:
+        predictor: a Segmenter or InstanceSegmenter (e.g. from :func:`denseseg.load_model`).
+        dataset: the dataset format (``folder``, ``camvid``, ``coco``, ...).
+        root: the dataset folder.
+        split: the split to evaluate.
+        out: the report folder; created if missing.
+        json_path: also write the metrics JSON to this file.
+        batch_size: images per forward pass.
+        num_workers: data loader processes.
+        absent: how classes absent from the ground truth count in the means (semantic).
+        options: the reader's options, as a recipe's ``data.options`` (semantic).
+        say: prints the table (``print``; the CLI passes its terminal-safe printer).
+
+    Returns:
+        The files written: ``json`` (``metrics.json``), ``csv``, ``confusion``, ``iou``
+        (semantic) and ``copy`` (``json_path``), in the order written.
+
+    Raises:
+        DataError: the dataset's classes are not the model's.
+        ConfigError: an instance model evaluated on data that is not COCO-format, or with
+            another number of classes.
+    """
+    out = Path(out)
+    if getattr(predictor, "task", "semantic") == "instance":
+        return _instance_eval(
+            predictor, dataset, root, split, out, json_path, batch_size, num_workers, say
+        )
+    ds = get_dataset(dataset, root, split, **dict(options or {}))
+    if ds.num_classes != predictor.num_classes:
+        raise DataError(
+            f"dataset {root} has {ds.num_classes} classes, model {source_name(predictor.meta)} "
+            f"predicts {predictor.num_classes}"
+        )
+    metrics = evaluate(predictor, ds, batch_size=batch_size, num_workers=num_workers, absent=absent)
+    results = metrics.compute()
+    say(format_table(results, predictor.class_names))
+    return semantic_report(
+        results, metrics.confusion, predictor, out, json_path=json_path, title=split
+    )
+
+
+def semantic_report(
+    results: Mapping[str, Any],
+    confusion: np.ndarray,
+    segmenter: Segmenter,
+    out: str | Path,
+    *,
+    json_path: str | Path | None = None,
+    title: str = "",
+    confusion_png: str | Path | None = None,
+    confusion_title: str = "",
+    iou_png: str | Path | None = None,
+) -> dict[str, Path]:
+    """Write a semantic evaluation: ``metrics.json`` and ``per_class.csv`` in ``out``
+    (:func:`denseseg.metrics.save_results`), a copy of the JSON at ``json_path``, the confusion
+    matrix and the per-class IoU bar chart.
+
+    Args:
+        results: the dict of :meth:`SegmentationMetrics.compute`.
+        confusion: the ``(K, K)`` confusion matrix (rows ground truth).
+        segmenter: the predictor evaluated (class names and palette).
+        out: the report folder; created if missing.
+        json_path: also write ``metrics.json`` here.
+        title: the per-class IoU chart's title.
+        confusion_png: the confusion picture (default ``out/confusion_matrix.png``).
+        confusion_title: its title.
+        iou_png: the per-class IoU picture (default ``out/per_class_iou.png``).
+
+    Returns:
+        ``{"json", "csv", "copy" (with json_path), "confusion", "iou"}``: the files written.
+    """
+    from denseseg.viz import plot_confusion_matrix, plot_per_class_iou  # matplotlib: slow
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = segmenter.class_names
+    written = save_results(results, names, out, confusion=confusion)
+    if json_path:
+        written["copy"] = _copy_file(written["json"], Path(json_path))
+    written["confusion"] = plot_confusion_matrix(
+        confusion, names, confusion_png or out / "confusion_matrix.png", title=confusion_title
+    )
+    written["iou"] = plot_per_class_iou(
+        results["IoU"],
+        names,
+        iou_png or out / "per_class_iou.png",
+        title=title,
+        palette=segmenter.palette,
+    )
+    return written
+
+
+def _instance_eval(
+    segmenter: InstanceSegmenter,
+    dataset: str,
+    root: str | None,
+    split: str,
+    out: Path,
+    json_path: str | Path | None,
+    batch_size: int,
+    num_workers: int,
+    say: Callable[[str], None],
+) -> dict[str, Path]:
+    """:func:`run_eval` for an instance model: COCO AP table, ``metrics.json`` in ``out``."""
+    if dataset != "coco":
+        raise ConfigError(
+            "instance models are evaluated on COCO-format data; pass --dataset coco, "
+            f"not {dataset!r}"
+        )
+    options: dict[str, Any] = {"target": "instance"}
+    if dataset == segmenter.meta.get("dataset"):
+        saved = segmenter.meta.get("data_options") or {}
+        options.update({k: saved[k] for k in ("category_map", "classes") if k in saved})
+    ds = get_dataset(dataset, root, split, **options)
+    if ds.num_classes != segmenter.num_classes:
+        raise ConfigError(
+            f"dataset {root} has {ds.num_classes} classes, the model predicts "
+            f"{segmenter.num_classes}; give the training recipe's category mapping"
+        )
+    metrics = evaluate_instances(segmenter, ds, batch_size=batch_size, num_workers=num_workers)
+    say(format_coco_table(metrics))
+    data = json.dumps({"split": split, **metrics}, indent=2).encode()
+    written = {"json": _write_bytes(out / "metrics.json", data)}
+    if json_path:
+        written["copy"] = _write_bytes(Path(json_path), data)
+    return written
+
+
+def _copy_file(src: Path, dst: Path) -> Path:
+    if dst.exists() and os.path.samefile(src, dst):
+        return dst  # json_path names the metrics.json already written
+    return _write_bytes(dst, src.read_bytes())
+
+
+def _write_bytes(path: Path, data: bytes) -> Path:
+    with atomic_write(path, "metrics file") as fh:
+        fh.write(data)
+    return path

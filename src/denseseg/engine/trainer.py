@@ -24,9 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from denseseg.models.weights import load_model_weights
-from denseseg.config import Config, save_config
-from denseseg.engine.checkpoint import (
+from denseseg.checkpoint import load_model_weights
+from denseseg.checkpoint.serialization import (
     FORMAT_VERSION,
     atomic_save,
     load_checkpoint,
@@ -34,6 +33,7 @@ from denseseg.engine.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from denseseg.config import Config, save_config
 from denseseg.engine.hooks import HookBase, default_hooks
 from denseseg.engine.optim import backward_and_step, build_optimizer, lr_factor
 from denseseg.engine.run_folder import RunLock, make_run_folder
@@ -46,8 +46,8 @@ from denseseg.engine.training_data import (
     training_pipeline,
 )
 from denseseg.errors import CheckpointError, ConfigError, Interrupted
-from denseseg.inference.instance import InstanceSegmenter
-from denseseg.inference.segmenter import Segmenter, resolve_device
+from denseseg.inference.build import build_predictor
+from denseseg.inference.segmenter import resolve_device
 from denseseg.models import create_model
 
 log = logging.getLogger("denseseg")
@@ -114,7 +114,7 @@ class Trainer:
             parts = {n: getattr(self, n) for n in ("model", "optimizer", "scheduler", "scaler")}
             _restore(ckpt_path, self.device, cfg.model.name, self.model_kwargs, parts, self.state)
             log.info("resumed from %s at step %d", ckpt_path, self.state["step"])
-        self.predictor = self._predictor()
+        self.predictor = build_predictor(self.model, self.meta, self.device)
         self.batch_size = min(dc.batch_size, len(self.data.dataset))
         self.saved_step = self.step if ckpt_path == out / "last.pt" else None
         self.loss, self.stopped, self.stop = float("nan"), False, StopOnSignal()
@@ -289,20 +289,6 @@ class Trainer:
             "ignore_index": raw.ignore_index,
             **self.task.meta(data, self.cfg),
         }
-
-    def _predictor(self) -> Any:
-        raw, data = self.data.raw, self.data
-        if self.task.normalises_inside:
-            return InstanceSegmenter(self.model, class_names=raw.classes, device=self.device)
-        return Segmenter(
-            self.model,
-            mean=data.mean,
-            std=data.std,
-            class_names=raw.classes,
-            palette=raw.palette,
-            ignore_index=raw.ignore_index,
-            device=self.device,
-        )
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

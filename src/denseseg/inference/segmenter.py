@@ -41,7 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from denseseg.data.palette import default_palette
 from denseseg.errors import ConfigError, DataError
+from denseseg.inference.fast import FrozenTraces
 
 MODES = ("whole", "overlap_tile")
 TTA = ("none", "hflip", "d4")
@@ -108,15 +110,13 @@ class Segmenter:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.fast = bool(fast)
-        self._traces: Any = None
+        self._traces: FrozenTraces | None = None
         out_channels = int(getattr(model, "num_classes", 0) or 0)
         self.binary = out_channels == 1
         n = 2 if self.binary else out_channels
         self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(n)]
         self.num_classes = len(self.class_names)
         if palette is None:
-            from denseseg.data.palette import default_palette
-
             palette = default_palette(self.num_classes)
         self.palette = [tuple(int(c) for c in p) for p in palette]
         self.mean = torch.tensor(list(mean), dtype=torch.float32).view(-1, 1, 1)
@@ -209,8 +209,6 @@ class Segmenter:
     def _forward(self, x: Tensor) -> Tensor:
         if self.fast and not self.amp:
             if self._traces is None:
-                from denseseg.inference.fast import FrozenTraces
-
                 self._traces = FrozenTraces(self.model)
             return self._traces(x)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):

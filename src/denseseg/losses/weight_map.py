@@ -13,7 +13,7 @@ Choices where the paper leaves room:
 
 * Cells are the 4-connected components of the foreground class (``cell``, class 1 of ISBI
   2012); ``d1``/``d2`` are Euclidean distances between pixel centres to a component's closest
-  pixel (:func:`denseseg.data.components.two_nearest_distances`).
+  pixel (:func:`denseseg.ops.components.two_nearest_distances`).
 * The border term goes to background (membrane) pixels only: inside a cell ``d1 = 0`` and the
   term would weight cell pixels near every membrane, while the paper's Fig. 3d weights the
   separating background. The common public re-implementations do the same.
@@ -37,8 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from denseseg.data.components import label_components, two_nearest_distances
 from denseseg.errors import ConfigError
+from denseseg.ops.components import label_components, two_nearest_distances
 
 __all__ = [
     "PixelWeightedCrossEntropy",

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from denseseg.data.io import atomic_write
+from denseseg.checkpoint.files import atomic_write
 from denseseg.errors import ConfigError, DataError
 
 ABSENT_POLICIES = ("nan", "zero", "gt_only")

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from denseseg.data.components import label_components
+from denseseg.ops.components import label_components
 
 __all__ = ["THRESHOLDS", "ISBIMetrics", "evaluate_isbi", "rand_pair_counts", "rand_scores"]
 

@@ -8,17 +8,26 @@ semantic model returns ``{"out": logits (N, num_classes, H, W)}`` and has the at
 # Importing registers the models: fcn (fcn32s/16s/8s), deeplab (the papers' DeepLab v2/v3/v3+),
 # tv_layouts (torchvision's names), pixelwise, unet, maskrcnn (instance segmentation).
 from denseseg.models import deeplab, fcn, maskrcnn, pixelwise, tv_layouts, unet  # noqa: F401
-from denseseg.models._registry import create_model, get_model_entry, list_models, register_model
+from denseseg.models._registry import (
+    create_model,
+    get_model_entry,
+    list_models,
+    register_model,
+    register_variant,
+)
+from denseseg.models.base import SegmentationModel
 from denseseg.models.pixelwise import PixelwiseClassifier
 from denseseg.models.unet import UNet, unet_output_size, unet_valid_input_size
 
 __all__ = [
     "PixelwiseClassifier",
+    "SegmentationModel",
     "UNet",
     "create_model",
     "get_model_entry",
     "list_models",
     "register_model",
+    "register_variant",
     "unet_output_size",
     "unet_valid_input_size",
 ]

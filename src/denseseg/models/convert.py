@@ -1,6 +1,6 @@
 """Turn a torchvision classification network into a fully convolutional one (FCN, section 3.1).
 
-The lecture's "convolutionalize" step: a classifier's fully connected layers are convolutions
+The paper's "convolutionalize" step: a classifier's fully connected layers are convolutions
 whose kernel covers their whole input. VGG-16's fc6 sees pool5 as 512x7x7, so it becomes a 7x7
 convolution; fc7 and the 1000-way classifier become 1x1 convolutions (AlexNet: 256x6x6, a 6x6
 fc6). The weights are the same numbers reshaped. On a 224x224 image the result gives a 1x1 map
@@ -21,8 +21,9 @@ from pathlib import Path
 import torch.nn as nn
 
 from denseseg.backbones.vgg import CLASSIFIER_LAYOUT
+from denseseg.checkpoint import read_weights
 from denseseg.errors import CheckpointError, ConfigError
-from denseseg.models.fcn import FCNTrunk, read_classifier
+from denseseg.models.fcn import FCNTrunk
 
 
 def convert_classifier_to_fcn(
@@ -59,7 +60,7 @@ def convert_classifier_to_fcn(
         state = classifier.state_dict()
         where = f"the {type(classifier).__name__} module"
     else:
-        state = read_classifier(classifier, arch)
+        state = read_weights(classifier, arch)[0]
         where = str(classifier)
     fc_key = CLASSIFIER_LAYOUT[arch].fc6 + ".weight"
     score_key = CLASSIFIER_LAYOUT[arch].score + ".weight"

@@ -52,70 +52,13 @@ from torch import Tensor
 from denseseg.backbones import create_backbone
 from denseseg.errors import ConfigError
 from denseseg.layers import ASPP, ASPPv2, ConvNormAct, FCNHead
-from denseseg.models._registry import register_model
+from denseseg.models._registry import register_model, register_variant
+from denseseg.models.base import SegmentationModel
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 PAPER_MULTI_GRID = (1, 2, 4)
 # Backbones the papers' models take; "timm:<model_name>" adds any timm model.
 DILATABLE = (*RESNETS, "mobilenet_v3_large")
-
-
-class SegmentationModel(nn.Module):
-    """Backbone, head and optional auxiliary head, with logits up-sampled to the input size.
-
-    Args:
-        backbone: returns ``list[Tensor]`` ordered by stride, described by ``feature_info``.
-        head: called with the backbone levels ``head_levels`` (in that order), returns logits.
-        num_classes: classes K.
-        head_levels: indices into the backbone's levels (negative counts from the last).
-        aux_head: optional head on level ``aux_level`` (its logits are returned under ``aux``).
-        aux_level: the level the auxiliary head reads.
-        classifier_prefixes: state-dict prefixes of the class-score layers: weights trained for
-            another class count skip exactly these (:mod:`denseseg.models.weights`).
-
-    Forward:
-        ``x (N, C_in, H, W) -> {"out": (N, K, H, W)}`` plus ``"aux": (N, K, H, W)`` with an
-        auxiliary head.
-    """
-
-    exportable = True  # plain convolutions, pooling and bilinear resizing: ONNX-friendly
-    optional_prefixes: tuple[str, ...] = ("aux_head.",)
-
-    def __init__(
-        self,
-        backbone: nn.Module,
-        head: nn.Module,
-        *,
-        num_classes: int,
-        head_levels: Sequence[int] = (-1,),
-        aux_head: nn.Module | None = None,
-        aux_level: int = -2,
-        classifier_prefixes: Sequence[str] = ("head.classifier.", "aux_head.classifier."),
-    ) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.backbone = backbone
-        self.head = head
-        self.aux_head = aux_head
-        self.head_levels = tuple(head_levels)
-        self.aux_level = aux_level
-        self.classifier_prefixes = tuple(classifier_prefixes)
-
-    @property
-    def in_channels(self) -> int:
-        """Input image channels (the backbone's)."""
-        return int(self.backbone.in_channels)
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        """Logits at the input's resolution (see the class docstring)."""
-        size = x.shape[-2:]
-        feats = self.backbone(x)
-        out = self.head(*(feats[i] for i in self.head_levels))
-        result = {"out": F.interpolate(out, size=size, mode="bilinear", align_corners=False)}
-        if self.aux_head is not None:
-            aux = self.aux_head(feats[self.aux_level])
-            result["aux"] = F.interpolate(aux, size=size, mode="bilinear", align_corners=False)
-        return result
 
 
 class DeepLabV3Head(nn.Module):
@@ -244,9 +187,24 @@ def make_backbone(
     return create_backbone(name, **kw)
 
 
-def _check_output_stride(arch: str, output_stride: int) -> None:
+def _trunk(
+    arch: str,
+    backbone: str,
+    in_channels: int,
+    output_stride: int,
+    multi_grid: Sequence[int] | str | None,
+    backbone_kwargs: dict[str, Any] | None,
+) -> nn.Module:
+    """The dilated backbone of DeepLab ``arch``, at output stride 16 or 8."""
     if output_stride not in (8, 16):
         raise ConfigError(f"{arch}: output_stride={output_stride!r} must be 16 or 8")
+    return make_backbone(
+        backbone,
+        in_channels=in_channels,
+        output_stride=output_stride,
+        multi_grid=multi_grid,
+        **(backbone_kwargs or {}),
+    )
 
 
 def _v3_rates(rates: Sequence[int] | None, output_stride: int) -> tuple[int, ...]:
@@ -289,14 +247,7 @@ def deeplabv2(
     Returns:
         The model; ``{"out": (N, K, H, W)}``.
     """
-    _check_output_stride("deeplabv2", output_stride)
-    trunk = make_backbone(
-        backbone,
-        in_channels=in_channels,
-        output_stride=output_stride,
-        multi_grid=None,
-        **(backbone_kwargs or {}),
-    )
+    trunk = _trunk("deeplabv2", backbone, in_channels, output_stride, None, backbone_kwargs)
     head = ASPPv2(trunk.feature_info[-1].channels, num_classes, rates)
     return SegmentationModel(
         trunk,
@@ -347,14 +298,7 @@ def deeplabv3(
     Returns:
         The model; ``{"out": (N, K, H, W)}``.
     """
-    _check_output_stride("deeplabv3", output_stride)
-    trunk = make_backbone(
-        backbone,
-        in_channels=in_channels,
-        output_stride=output_stride,
-        multi_grid=multi_grid,
-        **(backbone_kwargs or {}),
-    )
+    trunk = _trunk("deeplabv3", backbone, in_channels, output_stride, multi_grid, backbone_kwargs)
     head = DeepLabV3Head(
         trunk.feature_info[-1].channels,
         num_classes,
@@ -397,30 +341,15 @@ def deeplabv3plus(
     """DeepLab v3+: the v3 encoder and the decoder on the stride-4 level.
 
     Args:
-        num_classes: classes K.
-        in_channels: input channels.
-        backbone: a dilatable backbone with a stride-4 level (see :func:`make_backbone`).
-        output_stride: 16 or 8.
-        multi_grid: layer4 unit rates; ``"auto"``: (1, 2, 4) on ResNet-50/101.
-        rates: ASPP rates; default (6, 12, 18) at output stride 16, (12, 24, 36) at 8.
-        aspp_channels: ASPP width (256).
         low_level_channels: width of the stride-4 projection (48).
         decoder_channels: width of the decoder's two 3x3 convs (256).
-        dropout: dropout after the ASPP projection.
-        aux_loss: add the FCN auxiliary head (logits under ``aux``).
-        backbone_kwargs: further backbone options.
+        others: as :func:`deeplabv3`; the backbone needs a stride-4 level.
 
     Returns:
         The model; ``{"out": (N, K, H, W)}``.
     """
-    _check_output_stride("deeplabv3plus", output_stride)
-    trunk = make_backbone(
-        backbone,
-        in_channels=in_channels,
-        output_stride=output_stride,
-        multi_grid=multi_grid,
-        **(backbone_kwargs or {}),
-    )
+    arch = "deeplabv3plus"
+    trunk = _trunk(arch, backbone, in_channels, output_stride, multi_grid, backbone_kwargs)
     info = trunk.feature_info
     low = [i for i, f in enumerate(info) if f.reduction == 4]
     if not low:
@@ -444,36 +373,33 @@ def deeplabv3plus(
     )
 
 
-def _shorthand(arch: Any, default_backbone: str, test_cfg: dict[str, Any]) -> None:
-    """Register ``<arch>_<backbone>``: the architecture with another default backbone."""
-    name = f"{arch.__name__}_{default_backbone}"
-
-    def build(
-        num_classes: int = 21, in_channels: int = 3, *, backbone: str = default_backbone, **kw: Any
-    ) -> SegmentationModel:
-        return arch(num_classes, in_channels, backbone=backbone, **kw)
-
-    build.__name__ = name
-    build.__doc__ = (
-        f"``{arch.__name__}`` on {default_backbone}; options as :func:`{arch.__name__}`."
-    )
-    register_model(
-        name, test_cfg=test_cfg, description=f"{arch.__name__} (paper layout), {default_backbone}"
-    )(build)
-
-
-# The shorthands' test configurations swap in small trunks (the suite runs on two CPU cores) and
-# vary the options so that every registration exercises something of its own.
+# The shorthands <arch>_<backbone>. Their test configurations swap in small trunks (the suite
+# runs on two CPU cores) and vary the options so that every registration exercises something of
+# its own.
 _TINY = {"backbone": "resnet18", "backbone_kwargs": {"width": 0.25}}
-_shorthand(deeplabv2, "resnet101", {**_TINY, "output_stride": 16, "aux_loss": True})
-_shorthand(deeplabv3plus, "resnet50", {**_TINY, "output_stride": 8, "aspp_channels": 16})
-_shorthand(
+register_variant(
+    "deeplabv2_resnet101",
+    deeplabv2,
+    defaults={"backbone": "resnet101"},
+    test_cfg={**_TINY, "output_stride": 16, "aux_loss": True},
+    description="deeplabv2 (paper layout), resnet101",
+)
+register_variant(
+    "deeplabv3plus_resnet50",
     deeplabv3plus,
-    "resnet101",
-    {
+    defaults={"backbone": "resnet50"},
+    test_cfg={**_TINY, "output_stride": 8, "aspp_channels": 16},
+    description="deeplabv3plus (paper layout), resnet50",
+)
+register_variant(
+    "deeplabv3plus_resnet101",
+    deeplabv3plus,
+    defaults={"backbone": "resnet101"},
+    test_cfg={
         "backbone": "mobilenet_v3_large",
         "backbone_kwargs": {"width_mult": 0.5},
         "aspp_channels": 16,
         "decoder_channels": 16,
     },
+    description="deeplabv3plus (paper layout), resnet101",
 )

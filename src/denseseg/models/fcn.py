@@ -22,10 +22,10 @@ layers so that a net refined from a coarser one starts with that net's predictio
 FCN-8s trained in stages (32s -> 16s -> 8s, the paper's 62.7 mean IU) is the default. The released
 "at-once" FCN-8s, trained from VGG-16 in one go, scales pool4 by 0.01 and pool3 by 0.0001 before
 their score layers ("scale pool4 skip for compatibility"): ``fcn8s(at_once=True)``. Use it when
-training FCN-8s directly from ImageNet weights. (PAPERS.md speaks of scaling the pool4/pool3
-*scores*; the released net scales the pooled features that feed the score layers, i.e. the
-score layers' weights but not their biases; we follow the released net.) The scales are fixed
-numbers here; Caffe stored them as frozen per-channel blobs, which add no parameters here.
+training FCN-8s directly from ImageNet weights. The released net scales the pooled features
+that feed the score layers (so the score layers' weights, not their biases, are scaled), not the
+scores themselves; so does this one. The scales are fixed numbers here; Caffe stored them as
+frozen per-channel blobs, which add no parameters here.
 
 Deviations for tests and experiments (defaults are the paper's): ``width`` scales the VGG
 channels, ``fc_channels`` replaces fc6/fc7's 4096, ``zero_init_scores=False`` draws the score
@@ -50,9 +50,11 @@ from torch import Tensor
 
 from denseseg.backbones import create_backbone
 from denseseg.backbones.vgg import CLASSIFIER_LAYOUT
+from denseseg.checkpoint import read_weights
 from denseseg.errors import CheckpointError, ConfigError
 from denseseg.layers.upsample import bilinear_upsampler
-from denseseg.models._registry import register_model
+from denseseg.models._registry import register_variant
+from denseseg.models.base import check_positive_ints
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +115,9 @@ class _Trunk(nn.Module):
             raise ConfigError(
                 f"FCN option backbone={backbone!r}; choose one of {', '.join(CLASSIFIER_LAYOUT)}"
             )
-        for key, value in (
-            ("num_classes", num_classes),
-            ("in_channels", in_channels),
-            ("fc_channels", fc_channels),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"FCN option {key}={value!r} must be an integer >= 1")
+        check_positive_ints(
+            "FCN", num_classes=num_classes, in_channels=in_channels, fc_channels=fc_channels
+        )
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"FCN option dropout={dropout!r} must lie in [0, 1)")
         self.num_classes = num_classes
@@ -217,7 +215,7 @@ class _Trunk(nn.Module):
 class FCNTrunk(_Trunk):
     """A classification network in convolutional form: backbone, fc6, fc7, class scores.
 
-    This is the "convolutionalized" classifier of the FCN paper (and of the lecture): fully
+    This is the "convolutionalized" classifier of the FCN paper (section 3.1): fully
     connected layers become convolutions whose kernel covers the whole map they used to see
     (7x7 for VGG-16's pool5), so the net slides over larger images and yields a map of scores.
     Build one from a torchvision classifier with
@@ -331,118 +329,7 @@ class FCN(_Trunk):
         return {"out": crop_like(self.upscore8(fused), self.crops[2], size)}
 
 
-def read_classifier(source: str | Path | Mapping[str, Tensor], arch: str) -> dict[str, Tensor]:
-    """A torchvision classifier's state_dict from a file, a state_dict, or a weights name.
-
-    Args:
-        source: a local file (torchvision state_dict, denseseg checkpoint, safetensors), a
-            state_dict, or a torchvision weights name of ``arch`` (``"IMAGENET1K_V1"``,
-            downloaded through torch.hub's cache when a network is available).
-        arch: the torchvision model name (``"vgg16"``, ``"vgg16_bn"``, ``"alexnet"``).
-
-    Returns:
-        The state_dict, with torchvision's keys.
-
-    Raises:
-        CheckpointError: unreadable file, or no network for a name.
-        ConfigError: neither an existing file nor a weights name of ``arch``.
-    """
-    # Imported here: denseseg.models.weights imports the engine, which imports the models.
-    from denseseg.models.weights import fetch_torchvision_state_dict, read_state_dict
-
-    if isinstance(source, Mapping):
-        return dict(source)
-    if Path(source).exists():
-        return read_state_dict(source)
-    return fetch_torchvision_state_dict(arch, str(source))
-
-
-def _build(stride: int, num_classes: int, backbone_weights: str | Path | None, **kw: Any) -> FCN:
-    if backbone_weights is not None and (
-        kw["width"] != 1.0 or kw["fc_channels"] != 4096 or kw["in_channels"] != 3
-    ):
-        raise ConfigError(
-            "FCN option backbone_weights needs width=1, fc_channels=4096 and in_channels=3 "
-            "(the layout of an ImageNet VGG-16 file)"
-        )
-    model = FCN(num_classes, stride, **kw)
-    if backbone_weights is not None:
-        model.load_classifier_state_dict(read_classifier(backbone_weights, kw["backbone"]))
-    return model
-
-
-@register_model("fcn32s", test_cfg=TEST_CFG, description="FCN-32s (Long et al. 2015), VGG-16")
-def fcn32s(
-    num_classes: int,
-    in_channels: int = 3,
-    backbone: str = "vgg16",
-    backbone_weights: str | Path | None = None,
-    width: float = 1.0,
-    fc_channels: int = 4096,
-    dropout: float = 0.5,
-    learnable_upsampling: bool = False,
-    zero_init_scores: bool = True,
-) -> FCN:
-    """FCN-32s: single stream, 32-pixel prediction stride.
-
-    Args:
-        num_classes: output channels (21 for PASCAL VOC).
-        in_channels: input channels.
-        backbone: ``"vgg16"`` or ``"vgg16_bn"``.
-        backbone_weights: a torchvision ImageNet classifier of ``backbone``: a local file (e.g.
-            ``vgg16-397923af.pth``), a state_dict or a torchvision weights name
-            (``"IMAGENET1K_V1"``). conv1-conv5 load as they are and fc6/fc7 convolutionalised
-            (the paper's initialisation); the 1000-class layer is dropped.
-        width, fc_channels, dropout, learnable_upsampling, zero_init_scores: see :class:`FCN`.
-
-    Returns:
-        The model (136,152,917 parameters for 21 classes, 1,806,336 of them in the frozen
-        64x64 up-sampler).
-    """
-    return _build(
-        32,
-        num_classes,
-        backbone_weights,
-        in_channels=in_channels,
-        backbone=backbone,
-        width=width,
-        fc_channels=fc_channels,
-        dropout=dropout,
-        learnable_upsampling=learnable_upsampling,
-        zero_init_scores=zero_init_scores,
-    )
-
-
-@register_model("fcn16s", test_cfg=TEST_CFG, description="FCN-16s (Long et al. 2015), VGG-16")
-def fcn16s(
-    num_classes: int,
-    in_channels: int = 3,
-    backbone: str = "vgg16",
-    backbone_weights: str | Path | None = None,
-    width: float = 1.0,
-    fc_channels: int = 4096,
-    dropout: float = 0.5,
-    learnable_upsampling: bool = False,
-    zero_init_scores: bool = True,
-) -> FCN:
-    """FCN-16s: two streams (pool5, pool4), 16-pixel prediction stride; arguments as
-    :func:`fcn32s` (134,815,994 parameters for 21 classes)."""
-    return _build(
-        16,
-        num_classes,
-        backbone_weights,
-        in_channels=in_channels,
-        backbone=backbone,
-        width=width,
-        fc_channels=fc_channels,
-        dropout=dropout,
-        learnable_upsampling=learnable_upsampling,
-        zero_init_scores=zero_init_scores,
-    )
-
-
-@register_model("fcn8s", test_cfg=TEST_CFG, description="FCN-8s (Long et al. 2015), VGG-16")
-def fcn8s(
+def build_fcn(
     num_classes: int,
     in_channels: int = 3,
     backbone: str = "vgg16",
@@ -453,21 +340,65 @@ def fcn8s(
     learnable_upsampling: bool = False,
     at_once: bool = False,
     zero_init_scores: bool = True,
+    *,
+    stride: int,
 ) -> FCN:
-    """FCN-8s: three streams (pool5, pool4, pool3), 8-pixel prediction stride; arguments as
-    :func:`fcn32s`, plus ``at_once=True`` for the all-at-once variant (pool4 x 0.01, pool3 x
-    0.0001), the one to train directly from ImageNet weights (134,489,759 parameters for 21
-    classes, either way)."""
-    return _build(
-        8,
+    """FCN-32s, FCN-16s or FCN-8s, registered as ``fcn32s``, ``fcn16s`` and ``fcn8s``.
+
+    Args:
+        num_classes: output channels (21 for PASCAL VOC).
+        in_channels: input channels.
+        backbone: ``"vgg16"`` or ``"vgg16_bn"``.
+        backbone_weights: a torchvision ImageNet classifier of ``backbone``: a local file (e.g.
+            ``vgg16-397923af.pth``), a state_dict or a torchvision weights name
+            (``"IMAGENET1K_V1"``). conv1-conv5 load as they are and fc6/fc7 convolutionalised
+            (the paper's initialisation); the 1000-class layer is dropped.
+        width, fc_channels, dropout, learnable_upsampling, at_once, zero_init_scores: see
+            :class:`FCN`.
+        stride: 32, 16 or 8.
+
+    Returns:
+        The model.
+    """
+    if backbone_weights is not None and (width != 1.0 or fc_channels != 4096 or in_channels != 3):
+        raise ConfigError(
+            "FCN option backbone_weights needs width=1, fc_channels=4096 and in_channels=3 "
+            "(the layout of an ImageNet VGG-16 file)"
+        )
+    model = FCN(
         num_classes,
-        backbone_weights,
+        stride,
+        backbone,
         in_channels=in_channels,
-        backbone=backbone,
         width=width,
         fc_channels=fc_channels,
         dropout=dropout,
         learnable_upsampling=learnable_upsampling,
         at_once=at_once,
         zero_init_scores=zero_init_scores,
+    )
+    if backbone_weights is not None:
+        model.load_classifier_state_dict(read_weights(backbone_weights, backbone)[0])
+    return model
+
+
+# The three nets of the paper: build_fcn at each stride (only FCN-8s has an at-once variant).
+_FCN_DOCS = {
+    32: """FCN-32s: single stream, 32-pixel prediction stride; options as :func:`build_fcn`
+    (136,152,917 parameters for 21 classes, 1,806,336 of them in the frozen 64x64 up-sampler).""",
+    16: """FCN-16s: two streams (pool5, pool4), 16-pixel prediction stride; options as
+    :func:`build_fcn` (134,815,994 parameters for 21 classes).""",
+    8: """FCN-8s: three streams (pool5, pool4, pool3), 8-pixel prediction stride; options as
+    :func:`build_fcn`, ``at_once=True`` for the all-at-once variant (pool4 x 0.01, pool3 x
+    0.0001), the one to train directly from ImageNet weights (134,489,759 parameters for 21
+    classes, either way).""",
+}
+for _stride, _doc in _FCN_DOCS.items():
+    register_variant(
+        f"fcn{_stride}s",
+        build_fcn,
+        fixed={"stride": _stride} if _stride == 8 else {"stride": _stride, "at_once": False},
+        test_cfg=TEST_CFG,
+        description=f"FCN-{_stride}s (Long et al. 2015), VGG-16",
+        doc=_doc,
     )

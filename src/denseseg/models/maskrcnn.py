@@ -32,8 +32,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torchvision
@@ -48,8 +47,10 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from denseseg.backbones.resnet import ResNetBackbone
+from denseseg.checkpoint import read_weights
 from denseseg.errors import CheckpointError, ConfigError
-from denseseg.models._registry import register_model
+from denseseg.models._registry import register_model, register_variant
 from denseseg.ops.poolers import POOLER_KINDS, MultiScaleRoIPool
 
 __all__ = ["NORMS", "POOLER_KINDS", "MaskRCNN", "build_pooler", "maskrcnn_resnet50_fpn"]
@@ -95,8 +96,6 @@ def _trunk(name: str, norm_layer: Callable[[int], nn.Module], width: float) -> n
     ResNet (same blocks, every stage's channels times ``width``) with its norms swapped."""
     if width == 1:
         return getattr(torchvision.models, name)(weights=None, norm_layer=norm_layer)
-    from denseseg.backbones.resnet import ResNetBackbone
-
     trunk = ResNetBackbone(int(name[len("resnet") :]), width=width)
     for parent in list(trunk.modules()):
         for child_name, child in parent.named_children():
@@ -173,14 +172,7 @@ class MaskRCNN(_TVMaskRCNN):
 
 def _load_trunk_weights(trunk: nn.Module, source: Any, name: str) -> None:
     """Load ImageNet (classification) weights into the ResNet before the FPN is attached."""
-    from denseseg.models.weights import fetch_torchvision_state_dict, read_state_dict
-
-    if isinstance(source, Mapping):
-        state, where = dict(source), "<state_dict>"
-    elif Path(str(source)).exists():
-        state, where = read_state_dict(source), str(source)
-    else:
-        state, where = fetch_torchvision_state_dict(name, str(source)), f"torchvision {source}"
+    state, where = read_weights(source, name)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     if any(k.startswith("backbone.body.") for k in state):  # a whole detection model's file
         state = {k[14:]: v for k, v in state.items() if k.startswith("backbone.body.")}
@@ -323,8 +315,10 @@ def maskrcnn_resnet50_fpn(
     return model
 
 
-@register_model(
+maskrcnn_resnet18_fpn = register_variant(
     "maskrcnn_resnet18_fpn",
+    maskrcnn_resnet50_fpn,
+    defaults={"backbone": "resnet18"},
     test_cfg={
         "norm": "bn",
         "fpn_channels": 16,
@@ -334,24 +328,8 @@ def maskrcnn_resnet50_fpn(
         "max_size": 96,
     },
     description="Mask R-CNN, ResNet-18-FPN: small images and from-scratch training",
-    task="instance",
+    doc="""Mask R-CNN on a ResNet-18-FPN, for small images (tiles) and training from scratch;
+    the options of :func:`maskrcnn_resnet50_fpn` (``norm="gn"`` for training from scratch,
+    narrower heads, ``min_size``/``max_size`` of the tiles, ImageNet ResNet-18
+    ``backbone_weights``, ...).""",
 )
-def maskrcnn_resnet18_fpn(
-    num_classes: int = 91, in_channels: int = 3, *, backbone_weights: Any = None, **kwargs: Any
-) -> MaskRCNN:
-    """Mask R-CNN on a ResNet-18-FPN, for small images (tiles) and training from scratch.
-
-    Args:
-        num_classes: classes including background.
-        in_channels: must be 3.
-        backbone_weights: ImageNet ResNet-18 weights (file, state_dict or torchvision name).
-        **kwargs: the options of :func:`maskrcnn_resnet50_fpn` (``norm="gn"`` for training
-            from scratch, narrower heads, ``min_size``/``max_size`` of the tiles, ...).
-
-    Returns:
-        The model (see :class:`MaskRCNN`).
-    """
-    kwargs.setdefault("backbone", "resnet18")
-    return maskrcnn_resnet50_fpn(
-        num_classes, in_channels, backbone_weights=backbone_weights, **kwargs
-    )

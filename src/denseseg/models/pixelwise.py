@@ -14,6 +14,7 @@ from torch import Tensor
 from denseseg.errors import ConfigError
 from denseseg.layers import ConvNormAct, he_normal_
 from denseseg.models._registry import register_model
+from denseseg.models.base import check_positive_ints
 
 
 class PixelwiseClassifier(nn.Module):
@@ -35,9 +36,7 @@ class PixelwiseClassifier(nn.Module):
     ) -> None:
         super().__init__()
         hidden = tuple(hidden)
-        for key, value in (("num_classes", num_classes), ("in_channels", in_channels)):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"pixelwise option {key}={value!r} must be an integer >= 1")
+        check_positive_ints("pixelwise", num_classes=num_classes, in_channels=in_channels)
         if any(not isinstance(h, int) or h < 1 for h in hidden):
             raise ConfigError(f"pixelwise option hidden={hidden!r} must hold integers >= 1")
         self.num_classes = num_classes

@@ -18,7 +18,7 @@ The auxiliary head (``aux_loss=True``) is torchvision's FCN head on ``layer3`` (
 ``features.4``, the first block at stride 8, as torchvision taps it). Given the same weights the
 outputs equal torchvision's; a torchvision state_dict (e.g. its COCO_WITH_VOC_LABELS_V1 file)
 converts with :meth:`TorchvisionLayoutModel.convert_torchvision_state_dict`, which
-:func:`denseseg.models.weights.load_model_weights` applies by itself. For the papers' DeepLab see
+:func:`denseseg.checkpoint.load_model_weights` applies by itself. For the papers' DeepLab see
 :mod:`denseseg.models.deeplab`.
 
 The ResNet builders take ``backbone=`` (default: the one in the name) and ``backbone_kwargs=`` so
@@ -37,8 +37,9 @@ from denseseg.backbones.mobilenet import MobileNetV3Backbone
 from denseseg.backbones.resnet import ResNetBackbone
 from denseseg.errors import ConfigError
 from denseseg.layers import FCNHead, LRASPPHead
-from denseseg.models._registry import register_model
-from denseseg.models.deeplab import RESNETS, DeepLabV3Head, SegmentationModel
+from denseseg.models._registry import register_model, register_variant
+from denseseg.models.base import SegmentationModel
+from denseseg.models.deeplab import RESNETS, DeepLabV3Head
 
 # torchvision key -> denseseg key, first matching rule wins. torchvision's heads are Sequentials
 # (conv 0, BN 1, ReLU 2, dropout 3, classifier 4); denseseg names the parts.
@@ -141,76 +142,62 @@ def _build(
     )
 
 
-def _fcn(tv_name: str, default: str, test_cfg: dict[str, Any]) -> None:
-    def build(
-        num_classes: int = 21,
-        in_channels: int = 3,
-        *,
-        aux_loss: bool = False,
-        backbone: str = default,
-        backbone_kwargs: dict[str, Any] | None = None,
-    ) -> TorchvisionLayoutModel:
-        trunk = _resnet(backbone, in_channels, backbone_kwargs)
-        head = FCNHead(trunk.feature_info[-1].channels, num_classes)
-        return _build(tv_name, "fcn", trunk, head, num_classes, aux_loss)
-
-    build.__name__ = tv_name
-    build.__doc__ = f"""torchvision's ``{tv_name}``: FCN head on a dilated {default}.
-
-        Args:
-            num_classes: classes K.
-            in_channels: input channels.
-            aux_loss: add the auxiliary FCN head on layer3 (logits under ``aux``).
-            backbone: the ResNet (default {default}).
-            backbone_kwargs: further ResNet options (``width`` makes a cheap test model).
-
-        Returns:
-            The model; ``{{"out": (N, K, H, W)}}``.
-        """
-    register_model(tv_name, test_cfg=test_cfg, description=f"torchvision layout: {tv_name}")(build)
-
-
-def _deeplabv3_resnet(tv_name: str, default: str, test_cfg: dict[str, Any]) -> None:
-    def build(
-        num_classes: int = 21,
-        in_channels: int = 3,
-        *,
-        aux_loss: bool = False,
-        backbone: str = default,
-        backbone_kwargs: dict[str, Any] | None = None,
-    ) -> TorchvisionLayoutModel:
-        trunk = _resnet(backbone, in_channels, backbone_kwargs)
-        head = _tv_deeplab_head(trunk.feature_info[-1].channels, num_classes)
-        return _build(tv_name, "deeplabv3", trunk, head, num_classes, aux_loss)
-
-    build.__name__ = tv_name
-    build.__doc__ = f"""torchvision's ``{tv_name}`` (not the paper's v3: see ``deeplabv3``).
-
-        Args:
-            num_classes: classes K.
-            in_channels: input channels.
-            aux_loss: add the auxiliary FCN head on layer3 (logits under ``aux``).
-            backbone: the ResNet (default {default}).
-            backbone_kwargs: further ResNet options (``width`` makes a cheap test model).
-
-        Returns:
-            The model; ``{{"out": (N, K, H, W)}}``.
-        """
-    register_model(tv_name, test_cfg=test_cfg, description=f"torchvision layout: {tv_name}")(build)
-
-
 def _tv_deeplab_head(in_channels: int, num_classes: int) -> DeepLabV3Head:
     return DeepLabV3Head(
         in_channels, num_classes, channels=256, rates=(12, 24, 36), dropout=0.5, extra_conv=True
     )
 
 
+def build_tv_resnet_model(
+    num_classes: int = 21,
+    in_channels: int = 3,
+    *,
+    tv_name: str,
+    backbone: str,
+    aux_loss: bool = False,
+    backbone_kwargs: dict[str, Any] | None = None,
+) -> TorchvisionLayoutModel:
+    """torchvision's ``fcn_resnet*`` or ``deeplabv3_resnet*`` (not the paper's v3: see
+    ``deeplabv3``): its FCN or DeepLab head on a ResNet at output stride 8.
+
+    Args:
+        num_classes: classes K.
+        in_channels: input channels.
+        tv_name: torchvision's name, e.g. ``"fcn_resnet50"``; its first word picks the head.
+        backbone: the ResNet (the one in ``tv_name`` for torchvision's model).
+        aux_loss: add the auxiliary FCN head on layer3 (logits under ``aux``).
+        backbone_kwargs: further ResNet options (``width`` makes a cheap test model).
+
+    Returns:
+        The model; ``{"out": (N, K, H, W)}``.
+    """
+    family = tv_name.split("_")[0]
+    trunk = _resnet(backbone, in_channels, backbone_kwargs)
+    channels = trunk.feature_info[-1].channels
+    head = (
+        FCNHead(channels, num_classes)
+        if family == "fcn"
+        else _tv_deeplab_head(channels, num_classes)
+    )
+    return _build(tv_name, family, trunk, head, num_classes, aux_loss)
+
+
 # Test configurations: a quarter-width ResNet-18 (the suite runs on two CPU cores).
 _TINY = {"backbone": "resnet18", "backbone_kwargs": {"width": 0.25}}
-_fcn("fcn_resnet50", "resnet50", _TINY)
-_fcn("fcn_resnet101", "resnet101", {**_TINY, "aux_loss": True})
-_deeplabv3_resnet("deeplabv3_resnet50", "resnet50", {**_TINY, "aux_loss": True})
-_deeplabv3_resnet("deeplabv3_resnet101", "resnet101", _TINY)
+for _name, _test_cfg in (
+    ("fcn_resnet50", _TINY),
+    ("fcn_resnet101", {**_TINY, "aux_loss": True}),
+    ("deeplabv3_resnet50", {**_TINY, "aux_loss": True}),
+    ("deeplabv3_resnet101", _TINY),
+):
+    register_variant(
+        _name,
+        build_tv_resnet_model,
+        fixed={"tv_name": _name},
+        defaults={"backbone": _name.split("_")[1]},
+        test_cfg=_test_cfg,
+        description=f"torchvision layout: {_name}",
+    )
 
 
 @register_model(

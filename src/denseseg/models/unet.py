@@ -30,7 +30,9 @@ from torch import Tensor
 
 from denseseg.errors import ConfigError
 from denseseg.layers import ConvNormAct, he_normal_
-from denseseg.models._registry import register_model
+from denseseg.models._registry import register_model, register_variant
+from denseseg.models.base import check_positive_ints
+from denseseg.models.unet_backbone import backbone_unet
 
 PADDINGS = ("same", "valid")
 
@@ -153,14 +155,13 @@ class UNet(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        for key, value in (
-            ("num_classes", num_classes),
-            ("in_channels", in_channels),
-            ("base_channels", base_channels),
-            ("depth", depth),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"U-Net option {key}={value!r} must be an integer >= 1")
+        check_positive_ints(
+            "U-Net",
+            num_classes=num_classes,
+            in_channels=in_channels,
+            base_channels=base_channels,
+            depth=depth,
+        )
         if padding not in PADDINGS:
             raise ConfigError(f"U-Net option padding={padding!r}; choose 'same' or 'valid'")
         if not 0.0 <= dropout < 1.0:
@@ -279,8 +280,6 @@ def unet(
     ``padding`` and ``dropout`` then do not apply, ``decoder_channels`` sets the expanding path).
     """
     if backbone is not None:
-        from denseseg.models.unet_backbone import backbone_unet
-
         own = {"base_channels": 64, "depth": 4, "padding": "same", "batch_norm": False}
         given = {"base_channels": base_channels, "depth": depth, "padding": padding}
         clash = [k for k, v in given.items() if v != own[k]] + (["dropout"] if dropout else [])
@@ -295,32 +294,21 @@ def unet(
     return UNet(num_classes, in_channels, base_channels, depth, padding, batch_norm, dropout)
 
 
-def _unet_shorthand(name: str, backbone: str) -> None:
-    def build(num_classes: int, **kwargs: Any) -> nn.Module:
-        if "backbone" in kwargs:
-            raise ConfigError(f"{name} has its backbone ({backbone}); use unet for another one")
-        return unet(num_classes, backbone=backbone, **kwargs)
-
-    build.__doc__ = f"U-Net on {backbone} (see :func:`unet` with ``backbone={backbone!r}``)."
-    register_model(
-        name,
-        test_cfg={"backbone_kwargs": {"width": 0.25}},
-        description=f"U-Net expanding path on a {backbone} contracting path",
-    )(build)
-
-
 for _depth in (18, 34, 50):
-    _unet_shorthand(f"unet_resnet{_depth}", f"resnet{_depth}")
+    register_variant(
+        f"unet_resnet{_depth}",
+        unet,
+        fixed={"backbone": f"resnet{_depth}"},
+        test_cfg={"backbone_kwargs": {"width": 0.25}},
+        description=f"U-Net expanding path on a resnet{_depth} contracting path",
+    )
 
-
-@register_model(
+unet_valid = register_variant(
     "unet_valid",
+    unet,
+    fixed={"padding": "valid"},
     test_cfg={"base_channels": 8, "depth": 3},
     description="U-Net as in the paper: unpadded convolutions, 572x572 in -> 388x388 out",
+    doc="""U-Net with the paper's unpadded convolutions (predict large images by overlap-tile);
+    takes :func:`unet`'s options except ``padding``.""",
 )
-def unet_valid(num_classes: int, **kwargs: Any) -> UNet:
-    """U-Net with the paper's unpadded convolutions (predict large images by overlap-tile);
-    takes :func:`unet`'s options except ``padding``."""
-    if "padding" in kwargs:
-        raise ConfigError("unet_valid has no option 'padding' (it is always valid); use unet")
-    return unet(num_classes, padding="valid", **kwargs)

@@ -51,22 +51,16 @@ def _roiwarp(feat: Tensor, rois: Tensor, size: tuple[int, int], scale: float, ra
     return roi_align(feat, rois, size, scale, ratio, aligned=False, mode="max", quantize=True)
 
 
-def _roialign(
-    feat: Tensor, rois: Tensor, size: tuple[int, int], scale: float, ratio: int
-) -> Tensor:
-    return torchvision.ops.roi_align(feat, rois, size, scale, ratio, aligned=False)
-
-
 def _roialign_max(
     feat: Tensor, rois: Tensor, size: tuple[int, int], scale: float, ratio: int
 ) -> Tensor:
     return roi_align(feat, rois, size, scale, ratio, aligned=False, mode="max")
 
 
+# Per-level ops of the kinds pooled here; "roialign" runs torchvision's own multi-scale path.
 _LEVEL_OPS: dict[str, LevelOp] = {
     "roipool": _roipool,
     "roiwarp": _roiwarp,
-    "roialign": _roialign,
     "roialign_max": _roialign_max,
 }
 
@@ -164,25 +158,12 @@ class MultiScaleRoIPool(MultiScaleRoIAlign):
             self.scales, self.map_levels = _setup_scales(
                 features, image_shapes, self.canonical_scale, self.canonical_level
             )
+        scales, levels = self.scales, self.map_levels
+        args = (features, boxes, self.output_size, self.sampling_ratio, scales, levels)
         if self.kind == "roialign":
             # torchvision's own path, tracing/ONNX branch included, so outputs are identical.
-            return _multiscale_roi_align(
-                features,
-                boxes,
-                self.output_size,
-                self.sampling_ratio,
-                self.scales,
-                self.map_levels,
-            )
-        return pool_levels(
-            features,
-            boxes,
-            self.output_size,
-            self.sampling_ratio,
-            self.scales,
-            self.map_levels,
-            _LEVEL_OPS[self.kind],
-        )
+            return _multiscale_roi_align(*args)
+        return pool_levels(*args, _LEVEL_OPS[self.kind])
 
     def __repr__(self) -> str:
         return (

@@ -31,14 +31,25 @@ import logging
 import math
 import os
 import re
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
-from denseseg.errors import CheckpointError, ConfigError, DensesegError
+from denseseg.checkpoint import atomic_write
+from denseseg.errors import CheckpointError, ConfigError
+from denseseg.inference.build import (
+    Predictor,
+    build_predictor,
+    first_line,
+    model_from_checkpoint,
+    model_from_state,
+)
+from denseseg.inference.segmenter import MODES, TTA
 
 log = logging.getLogger("denseseg")
 
@@ -49,7 +60,6 @@ __all__ = [
     "builtin_files",
     "list_builtin",
     "load_builtin",
-    "model_from_state",
     "pack",
     "read_meta",
     "unknown_model_message",
@@ -62,8 +72,19 @@ MAX_BYTES = 25 * 1024 * 1024
 FORMAT = "denseseg-pretrained/1"
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
-# Checkpoint entries copied into the JSON as they are (all plain lists, numbers and strings).
-_META_KEYS = ("model_name", "model_kwargs", "mean", "std", "in_channels", "num_classes")
+# Checkpoint entries copied into the JSON as they are (all plain lists, numbers and strings);
+# the last three are an instance model's (COCO category ids, the reader and its options).
+_META_KEYS = (
+    "model_name",
+    "model_kwargs",
+    "mean",
+    "std",
+    "in_channels",
+    "num_classes",
+    "category_ids",
+    "dataset",
+    "data_options",
+)
 # Keys a NAME.json must hold, with the type each must have.
 _REQUIRED = {"model_name": str, "model_kwargs": dict, "mean": list, "std": list, "sha256": str}
 
@@ -190,30 +211,19 @@ def pack(
             shipped name that only ``force`` may replace or shadow.
         CheckpointError: the checkpoint is not a denseseg checkpoint, or the weights exceed
             ``max_bytes``.
+        DataError: the folder cannot be written (the files there are left as they were).
     """
-    from safetensors.torch import save as st_save
-
-    from denseseg.engine.checkpoint import load_checkpoint, unwrap_state_dict
-
     if not _NAME.match(str(name)):
         raise ConfigError(
             f"built-in name {name!r} must be lower case letters, digits, '_' or '-' (e.g. camvid)"
         )
     out = _pack_folder(out_dir)
     _refuse_replacing(out, name, force)
-    ckpt = load_checkpoint(checkpoint_path)
-    missing = [k for k in ("model_name", "model_kwargs", "mean", "std") if k not in ckpt]
-    if missing:
-        raise CheckpointError(
-            f"{checkpoint_path} lacks {', '.join(missing)}: pack needs a checkpoint written by "
-            "denseseg train, not a bare state_dict"
-        )
-    try:
-        state = unwrap_state_dict(ckpt)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{checkpoint_path}: {exc}") from None
     # Build the model once: weights that do not fit are refused now, not when loading.
-    model = model_from_state(ckpt["model_name"], ckpt["model_kwargs"], state, checkpoint_path)
+    ckpt, model = model_from_checkpoint(
+        checkpoint_path, "pack needs a checkpoint written by denseseg train, not a bare state_dict"
+    )
+    state = model.state_dict()
     if precise_bn:
         state = _precise_bn_state(ckpt, model, precise_bn, data_root)
     tensors = {
@@ -236,12 +246,12 @@ def pack(
             meta[key].update(value)
         else:
             meta[key] = value
-    _check_segmenter_settings(meta["segmenter"], name)
+    _check_segmenter_settings(meta["segmenter"], name, getattr(model, "task", "semantic"))
 
     out.mkdir(parents=True, exist_ok=True)
     weights_path, json_path = out / f"{name}.safetensors", out / f"{name}.json"
-    _atomic_write(weights_path, blob)
-    _atomic_write(json_path, (json.dumps(_plain(meta), indent=2) + "\n").encode())
+    _write(weights_path, blob, "built-in weights")
+    _write(json_path, (json.dumps(_plain(meta), indent=2) + "\n").encode(), "built-in model file")
     return {"json": json_path, "weights": weights_path}
 
 
@@ -271,48 +281,6 @@ def _refuse_replacing(out: Path, name: str, force: bool) -> None:
     for path in (out / f"{name}.json", out / f"{name}.safetensors"):
         if path.exists() or path.is_symlink():
             raise ConfigError(f"{path} exists; pass --force to replace it, or choose another name")
-
-
-def model_from_state(
-    model_name: Any, model_kwargs: Any, state: Mapping[str, Any], source: str | os.PathLike
-) -> torch.nn.Module:
-    """Build the registered model ``model_name`` and load ``state`` into it.
-
-    Args:
-        model_name: the registered name stored beside the weights.
-        model_kwargs: the builder's keyword arguments stored beside them.
-        state: the weights (a state_dict).
-        source: the file they come from, named in the errors.
-
-    Raises:
-        CheckpointError: the name is unknown, the options are not the builder's, or the weights
-            do not fit the model they build.
-    """
-    from denseseg.models import create_model
-
-    if not isinstance(model_kwargs, Mapping):
-        raise CheckpointError(f"{source}: model_kwargs is not a mapping ({model_kwargs!r})")
-    try:
-        model = create_model(str(model_name), **dict(model_kwargs))
-    except (DensesegError, TypeError, ValueError) as exc:
-        raise CheckpointError(
-            f"{source}: model {model_name!r} cannot be built from the options stored with it "
-            f"({_first_line(exc)})"
-        ) from None
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        raise CheckpointError(
-            f"{source}: the weights do not fit model {model_name!r} with the options stored "
-            f"with them ({_first_line(exc)}); the file was changed or mixes two runs"
-        ) from None
-    return model
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    text = " ".join(lines[:2]) if lines else type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _precise_bn_state(
@@ -358,10 +326,8 @@ def _meta_from_checkpoint(
     return meta
 
 
-def _check_segmenter_settings(seg: Any, name: str) -> None:
+def _check_segmenter_settings(seg: Any, name: str, task: str = "semantic") -> None:
     # ``name``: the built-in name when packing, the JSON file when loading.
-    from denseseg.inference.segmenter import MODES, TTA
-
     if (
         not isinstance(seg, Mapping)
         or seg.get("mode", "whole") not in MODES
@@ -371,6 +337,17 @@ def _check_segmenter_settings(seg: Any, name: str) -> None:
             f"built-in {name}: segmenter settings {seg!r} need mode in {', '.join(MODES)} and "
             f"tta in {', '.join(TTA)}"
         )
+    if task != "semantic" and _semantic_settings(seg):
+        raise ConfigError(
+            f"built-in {name}: segmenter settings {seg!r} apply to semantic models only; this is "
+            f"an {task} model: pack it without --mode, --tile-size and --tta"
+        )
+
+
+def _semantic_settings(seg: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings that differ from the Segmenter's defaults (whole image, no TTA)."""
+    defaults = {"mode": "whole", "tile_size": None, "tta": "none"}
+    return {k: v for k, v in seg.items() if v is not None and v != defaults.get(k)}
 
 
 def _plain(obj: Any) -> Any:
@@ -386,18 +363,9 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    # A fresh name per call (O_EXCL): two packs into one folder never share a temporary file,
-    # and the file gets the user's usual permissions (umask), unlike mkstemp's 0600.
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _write(path: Path, data: bytes, what: str) -> None:
+    with atomic_write(path, what) as fh:
+        fh.write(data)
 
 
 # ------------------------------------------------------------------------------- load
@@ -406,24 +374,25 @@ def load_builtin(
     device: str | torch.device = "auto",
     directory: str | os.PathLike | None = None,
     **segmenter_kwargs: Any,
-):
-    """Build the built-in model ``name`` in float32 and wrap it in a Segmenter.
+) -> Predictor:
+    """Build the built-in model ``name`` in float32 and wrap it in its predictor.
+
+    The predictor is built as for a checkpoint (:func:`denseseg.inference.build.build_predictor`):
+    a Segmenter for a semantic model, an InstanceSegmenter for an instance model.
 
     Args:
         name: a name from :func:`list_builtin`.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         directory: an extra folder searched first.
-        **segmenter_kwargs: passed on to the Segmenter; they override the stored ``mode``,
+        **segmenter_kwargs: passed on to the predictor; they override the stored ``mode``,
             ``tile_size`` and ``tta``.
 
     Returns:
-        A :class:`~denseseg.inference.Segmenter` in eval mode.
+        A :class:`~denseseg.inference.Segmenter` (or InstanceSegmenter) in eval mode.
 
     Raises:
         CheckpointError: unknown name, or files that do not fit the model they describe.
     """
-    from denseseg.inference.segmenter import Segmenter, resolve_device
-
     files = builtin_files(name, directory)
     if files is None:
         raise CheckpointError(unknown_model_message(name, directory))
@@ -432,14 +401,20 @@ def load_builtin(
     state = _read_weights(files[1], meta["sha256"])
     source = f"{files[1]} (with {files[0].name})"
     model = model_from_state(meta["model_name"], meta["model_kwargs"], state, source)
-    seg_opts = _segmenter_options(meta, files[0])
-    seg_opts.update(segmenter_kwargs)
+    options = {**_segmenter_options(meta, files[0]), **segmenter_kwargs}
+    described = {
+        **meta,
+        "class_names": meta.get("classes"),
+        "builtin": name,
+        "checkpoint": str(files[1]),
+        "step": (meta.get("provenance") or {}).get("steps"),
+    }
     try:
-        return _segmenter(Segmenter, model, meta, name, files[1], resolve_device(device), seg_opts)
+        return build_predictor(model, described, device, **options)
     except (TypeError, ValueError) as exc:  # e.g. a palette or mean of the wrong shape
         raise CheckpointError(
             f"built-in model file {files[0]} holds settings the model cannot use "
-            f"({_first_line(exc)}); pack the model again"
+            f"({first_line(exc)}); pack the model again"
         ) from None
 
 
@@ -456,9 +431,6 @@ def _warn_if_shadowing(name: str, weights: Path) -> None:
 
 def _read_weights(path: Path, sha256: str) -> dict[str, torch.Tensor]:
     """The float32 tensors of a ``NAME.safetensors`` whose sha256 matches its JSON's."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load as st_load
-
     try:
         blob = path.read_bytes()
     except OSError as exc:
@@ -476,38 +448,10 @@ def _read_weights(path: Path, sha256: str) -> dict[str, torch.Tensor]:
 
 
 def _segmenter_options(meta: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The stored inference settings that differ from the predictor's defaults."""
     settings = meta.get("segmenter") or {}
     _check_segmenter_settings(settings, str(path))
-    seg_opts = {k: v for k, v in settings.items() if v is not None}
+    seg_opts = _semantic_settings(settings)
     if isinstance(seg_opts.get("tile_size"), list):
         seg_opts["tile_size"] = tuple(seg_opts["tile_size"])
     return seg_opts
-
-
-def _segmenter(
-    cls: type,
-    model: torch.nn.Module,
-    meta: dict[str, Any],
-    name: str,
-    weights: Path,
-    device: torch.device,
-    seg_opts: dict[str, Any],
-) -> Any:
-    return cls(
-        model,
-        mean=meta["mean"],
-        std=meta["std"],
-        class_names=meta.get("classes") or None,
-        palette=meta.get("palette") or None,
-        ignore_index=meta.get("ignore_index", 255),
-        device=device,
-        meta={
-            "model_name": meta["model_name"],
-            "model_kwargs": meta["model_kwargs"],
-            "builtin": name,
-            "checkpoint": str(weights),
-            "step": (meta.get("provenance") or {}).get("steps"),
-            "provenance": meta.get("provenance"),
-        },
-        **seg_opts,
-    )

@@ -156,11 +156,7 @@ class ADE20KDataset(SegmentationDataset):
         if not stems:
             raise DataError(f"no .jpg images in {images}; the layout is {_LAYOUT}")
         self.files = pair_by_stem(images, masks, stems, ".jpg")
-        self.classes = list(ADE20K_CLASSES)
-        self.num_classes = len(ADE20K_CLASSES)
-        self.palette = list(ADE20K_PALETTE)
-        self.ignore_index = 255
-        self.in_channels = 3
+        self._set_classes(ADE20K_CLASSES, ADE20K_PALETTE)
 
     def label_lut(self, index: int) -> np.ndarray:
         return _LUT

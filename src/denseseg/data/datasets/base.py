@@ -107,9 +107,10 @@ def read_split_list(path: Path) -> list[str]:
 class SegmentationDataset(Dataset):
     """Base of the dataset formats: images paired with class-index masks.
 
-    Subclasses set, in ``__init__``, every attribute below and call nothing else; items then load
-    through :meth:`load`. The ``folder`` format (:class:`~denseseg.data.folder.FolderDataset`)
-    and every benchmark format share this base.
+    Subclasses set, in ``__init__``, every attribute below (the class metadata through
+    :meth:`_set_classes`) and call nothing else; items then load through :meth:`load`. The
+    ``folder`` format (:class:`~denseseg.data.folder.FolderDataset`) and every benchmark format
+    share this base.
 
     Attributes:
         root: Dataset folder.
@@ -138,6 +139,22 @@ class SegmentationDataset(Dataset):
     palette: list[Color]
     ignore_index: int = 255
     in_channels: int
+
+    def _set_classes(
+        self,
+        classes: Sequence[str],
+        palette: Sequence[Color],
+        *,
+        in_channels: int = 3,
+        ignore_index: int = 255,
+    ) -> None:
+        """Set the class metadata: ``classes``, ``num_classes``, ``palette``, ``ignore_index``
+        and ``in_channels``; a format's ``__init__`` calls it once."""
+        self.classes = list(classes)
+        self.num_classes = len(self.classes)
+        self.palette = list(palette)
+        self.ignore_index = ignore_index
+        self.in_channels = in_channels
 
     def label_lut(self, index: int) -> np.ndarray | None:
         """Lookup table from the raw values stored in mask ``index`` to class ids.

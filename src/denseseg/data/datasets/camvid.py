@@ -116,11 +116,7 @@ class CamVidDataset(SegmentationDataset):
             if not stems:
                 raise DataError(f"no .png images in {images}; the layout is {_LAYOUT}")
             self.files += pair_by_stem(images, self.root / f"{part}annot", stems, ".png")
-        self.classes = list(CAMVID_CLASSES)
-        self.num_classes = len(CAMVID_CLASSES)
-        self.palette = list(CAMVID_PALETTE)
-        self.ignore_index = 255
-        self.in_channels = 3
+        self._set_classes(CAMVID_CLASSES, CAMVID_PALETTE)
 
     def label_lut(self, index: int) -> np.ndarray:
         return _LUT

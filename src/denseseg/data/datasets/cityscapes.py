@@ -172,11 +172,7 @@ class CityscapesDataset(SegmentationDataset):
             raise DataError(
                 f"no *{_IMG_SUFFIX} images under {images_root / split}; the layout is {_LAYOUT}"
             )
-        self.classes = list(CITYSCAPES_CLASSES)
-        self.num_classes = len(CITYSCAPES_CLASSES)
-        self.palette = list(CITYSCAPES_PALETTE)
-        self.ignore_index = 255
-        self.in_channels = 3
+        self._set_classes(CITYSCAPES_CLASSES, CITYSCAPES_PALETTE)
 
     def label_lut(self, index: int) -> np.ndarray:
         return _TRAIN_ID_LUT if self._train_ids[index] else _ID_LUT

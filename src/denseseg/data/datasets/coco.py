@@ -46,6 +46,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import yaml
+from torchvision import tv_tensors
 
 from denseseg.data.datasets.base import SegmentationDataset, unknown_split
 from denseseg.data.palette import default_palette
@@ -230,11 +231,8 @@ class CocoDataset(SegmentationDataset):
         )
         self.coco = _load_coco(self.ann_file)
         file_cats = {int(c["id"]): str(c["name"]) for c in self.coco.dataset.get("categories", [])}
-        self.category_to_class, self.classes = _parse_mapping(category_map, classes, file_cats)
-        self.num_classes = len(self.classes)
-        self.palette = default_palette(self.num_classes)
-        self.ignore_index = _IGNORE
-        self.in_channels = 3
+        self.category_to_class, names = _parse_mapping(category_map, classes, file_cats)
+        self._set_classes(names, default_palette(len(names)), ignore_index=_IGNORE)
 
         self.image_ids: list[int] = []
         self.files = []
@@ -309,8 +307,6 @@ class CocoDataset(SegmentationDataset):
 
     def instance_target(self, index: int) -> dict[str, Any]:
         """The image's instances as the dict described in the module docstring."""
-        from torchvision import tv_tensors
-
         info = self.coco.imgs[self.image_ids[index]]
         h, w = info["height"], info["width"]
         anns, masks = self._masks(index)

@@ -135,11 +135,7 @@ class ISBI2012Dataset(SegmentationDataset):
                 + (" or set data.options.val_slices" if split == "val" and not lists else ""),
             )
         self.files = pair_by_stem(images, labels, stems, ".png")
-        self.classes = list(ISBI2012_CLASSES)
-        self.num_classes = 2
-        self.palette = list(ISBI2012_PALETTE)
-        self.ignore_index = 255
-        self.in_channels = 1
+        self._set_classes(ISBI2012_CLASSES, ISBI2012_PALETTE, in_channels=1)
 
     def label_lut(self, index: int) -> np.ndarray:
         return _LUT

@@ -132,8 +132,4 @@ class VOCDataset(SegmentationDataset):
         if not stems:
             raise DataError(f"split list {list_file} names no images; add one image id per line")
         self.files = pair_by_stem(self.root / "JPEGImages", masks, stems, ".jpg")
-        self.classes = list(VOC_CLASSES)
-        self.num_classes = len(VOC_CLASSES)
-        self.palette = default_palette(self.num_classes)
-        self.ignore_index = 255
-        self.in_channels = 3
+        self._set_classes(VOC_CLASSES, default_palette(len(VOC_CLASSES)))

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from denseseg.config import Config, DataCfg
-from denseseg.engine.instance import evaluate_instances
+from denseseg.engine.evaluate import evaluate_instances
 from denseseg.engine.tasks.base import EvalReport, Task
 from denseseg.engine.training_data import TrainingData
 from denseseg.errors import ConfigError

@@ -26,18 +26,13 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from denseseg.data.palette import Color, default_palette
 from denseseg.errors import ConfigError, DataError
 
 DEMO_CLASSES: tuple[str, ...] = ("background", "circle", "rectangle", "triangle", "cross")
 """Class names of the demo dataset, index = label value in the masks."""
 
-DEMO_PALETTE: tuple[tuple[int, int, int], ...] = (
-    (0, 0, 0),
-    (128, 0, 0),
-    (0, 128, 0),
-    (128, 128, 0),
-    (0, 0, 128),
-)
+DEMO_PALETTE: tuple[Color, ...] = tuple(default_palette(len(DEMO_CLASSES)))
 """Mask colours of the demo classes (the first entries of the PASCAL VOC palette)."""
 
 IGNORE_INDEX = 255

@@ -22,18 +22,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from denseseg.data.io import atomic_write
+from denseseg.checkpoint.files import TMP_SUFFIX, atomic_write
 from denseseg.errors import CheckpointError, DataError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "atomic_save",
+    "load_checkpoint",
+    "remove_stale_temporaries",
+    "rng_state",
+    "set_rng_state",
+    "unwrap_state_dict",
+]
 
 FORMAT_VERSION = 1
 
 
-TMP_SUFFIX = ".tmp"  # of data.io.atomic_write's temporary files: .NAME.RANDOM.tmp
-
-
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` atomically (:func:`denseseg.data.io.atomic_write`, plus an
-    fsync): the file is either the old one or the new one, never half of one.
+    """``torch.save`` to ``path`` atomically (:func:`~denseseg.checkpoint.files.atomic_write`,
+    plus an fsync): the file is either the old one or the new one, never half of one.
 
     Raises:
         CheckpointError: the folder cannot be written (read-only, full disk, ...); ``path``

@@ -4,8 +4,8 @@
 here. A source is one of
 
 * a local file: a denseseg checkpoint (its ``model`` entry), a bare state_dict (``.pt``/``.pth``,
-  read with ``torch.load(weights_only=True)`` through :mod:`denseseg.engine.checkpoint`, so no
-  arbitrary object is unpickled), or a ``.safetensors`` file;
+  read with ``torch.load(weights_only=True)`` through :func:`~denseseg.checkpoint.load_checkpoint`,
+  so no arbitrary object is unpickled), or a ``.safetensors`` file;
 * a torchvision weights name such as ``"COCO_WITH_VOC_LABELS_V1"`` or ``"IMAGENET1K_V2"``
   (``"DEFAULT"`` too), looked up for the model's (backbone's) torchvision name and fetched through
   torch.hub's cache; without a network the loader raises a :class:`CheckpointError` that names
@@ -17,24 +17,39 @@ converted to denseseg's keys automatically. Weights trained for another class co
 everything except the class-score layers (the model's ``classifier_prefixes``), whose tensors keep
 the model's own values: freshly initialised when the model comes from ``create_model``. The
 loaders log and return a :class:`LoadReport` naming every key they skipped.
+
+The loaders know models and backbones only through attributes they may define:
+``classifier_prefixes``, ``optional_prefixes``, ``convert_torchvision_state_dict`` and
+``tv_name`` of a model; ``feature_info``, ``adapt_state_dict`` and ``tv_name`` of a backbone.
+So they sit below both and import neither.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import urllib.error
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torchvision
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor
 
-from denseseg.engine.checkpoint import load_checkpoint, unwrap_state_dict
+from denseseg.checkpoint.serialization import load_checkpoint, unwrap_state_dict
+from denseseg.checkpoint.torchvision_weights import fetch_torchvision_state_dict
 from denseseg.errors import CheckpointError, ConfigError
+
+__all__ = [
+    "LoadReport",
+    "WeightsSource",
+    "load_backbone_weights",
+    "load_model_weights",
+    "read_state_dict",
+    "read_weights",
+]
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +106,6 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise CheckpointError(f"weights file {path} not found; give the path of a file")
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except (SafetensorError, OSError) as exc:
@@ -101,49 +113,30 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return dict(unwrap_state_dict(load_checkpoint(path)))
 
 
-def fetch_torchvision_state_dict(tv_name: str, weights_name: str) -> dict[str, Tensor]:
-    """torchvision's pretrained weights ``weights_name`` of model ``tv_name``, via torch.hub.
+def read_weights(source: WeightsSource, tv_name: str) -> tuple[dict[str, Tensor], str]:
+    """The tensors of a file, a state_dict, or a torchvision weights name of ``tv_name``.
 
-    torch.hub looks in its cache (``torch.hub.get_dir()/checkpoints``) before downloading.
+    Anything that is not an existing file is taken for a weights name.
 
     Args:
-        tv_name: a torchvision builder name, e.g. ``"deeplabv3_resnet50"``, ``"resnet50"``.
-        weights_name: e.g. ``"COCO_WITH_VOC_LABELS_V1"``, ``"DEFAULT"`` or
-            ``"ResNet50_Weights.IMAGENET1K_V2"``.
+        source: a local file (torchvision state_dict, denseseg checkpoint, safetensors), a
+            state_dict, or a torchvision weights name of ``tv_name`` (``"IMAGENET1K_V1"``,
+            downloaded through torch.hub's cache when a network is available).
+        tv_name: the torchvision model name (``"vgg16"``, ``"resnet50"``, ...).
 
     Returns:
-        The state_dict (torchvision's keys).
+        ``(state_dict, where)``: the tensors under the source's own keys, and the source as
+        messages name it.
 
     Raises:
-        ConfigError: torchvision has no such weights.
-        CheckpointError: the download failed (no network): the message names the file.
+        CheckpointError: unreadable file, or no network for a name.
+        ConfigError: neither an existing file nor a weights name of ``tv_name``.
     """
-    try:
-        enum = torchvision.models.get_model_weights(tv_name)
-    except (ValueError, KeyError):
-        raise ConfigError(
-            f"torchvision has no pretrained weights for {tv_name!r}; pass a local weights file"
-        ) from None
-    short = weights_name.split(".")[-1]
-    try:
-        weights = enum[short]
-    except KeyError:
-        names = ", ".join(w.name for w in enum)
-        raise ConfigError(
-            f"{weights_name!r} is neither a file nor a torchvision weights name of {tv_name} "
-            f"({names}, DEFAULT)"
-        ) from None
-    filename = weights.url.rsplit("/", 1)[-1]
-    try:
-        return torch.hub.load_state_dict_from_url(
-            weights.url, map_location="cpu", progress=False, check_hash=True, weights_only=True
-        )
-    except (urllib.error.URLError, OSError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(
-            f"cannot download torchvision weights {tv_name} {weights.name} ({weights.url}: "
-            f"{str(exc)[:120]}); fetch {filename} where a network is available and pass its "
-            "local path instead of the name"
-        ) from None
+    if isinstance(source, Mapping):
+        return dict(source), "<state_dict>"
+    if Path(str(source)).exists():
+        return read_state_dict(source), str(source)
+    return fetch_torchvision_state_dict(tv_name, str(source)), f"torchvision {source}"
 
 
 def _resolve(source: WeightsSource, tv_name: str | None, what: str) -> tuple[dict, str]:

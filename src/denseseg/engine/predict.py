@@ -1,0 +1,291 @@
+"""Prediction over image files: label maps, overlays and probabilities (semantic models), instance
+pictures and COCO results (instance models).
+
+:func:`predict_folder` is ``denseseg predict``: it lists the inputs, plans every output name and
+checks it against the inputs before the first write (:mod:`denseseg.engine.outputs`), then runs
+:func:`predict_semantic` or :func:`predict_instances`. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from denseseg.data import io as data_io
+from denseseg.data.palette import overlay
+from denseseg.engine.outputs import NoClobber, check_out_folder, plan_outputs, refuse_out_in_input
+from denseseg.errors import DataError
+from denseseg.inference.instance_segmenter import InstanceSegmenter
+from denseseg.inference.segmenter import Segmenter
+from denseseg.metrics.coco import encode_masks
+
+log = logging.getLogger("denseseg")
+
+__all__ = [
+    "IMAGE_EXTS",
+    "Predictions",
+    "coco_results",
+    "list_inputs",
+    "predict_folder",
+    "predict_instances",
+    "predict_semantic",
+]
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+"""File name suffixes (any case) taken as images in an input folder."""
+
+BeforeWrite = Callable[[Path, Path | None], None]
+
+
+@dataclass
+class Predictions:
+    """What :func:`predict_folder` did.
+
+    Attributes:
+        inputs: the images segmented, in order.
+        written: every file written.
+        results: ``results.json`` (COCO results of an instance model), else None.
+    """
+
+    inputs: list[Path]
+    written: list[Path]
+    results: Path | None = None
+
+
+def list_inputs(path: Path) -> list[Path]:
+    """The image files to segment: ``path`` itself, or the images in the folder ``path``
+    (hidden files, whose names start with ``.``, are skipped).
+
+    Raises:
+        DataError: ``path`` does not exist, or the folder holds no images.
+    """
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        files = [p for p in found if not p.name.startswith(".") and p.is_file()]
+        hidden = [p.name for p in found if p.name.startswith(".")]
+        if hidden:
+            log.info("skipped %d hidden file(s) in %s: %s", len(hidden), path, ", ".join(hidden))
+        if not files:
+            raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) in folder {path}")
+        return files
+    raise DataError(f"input {path} does not exist; give an image file or a folder of images")
+
+
+def predict_folder(
+    predictor: Segmenter | InstanceSegmenter,
+    source: str | Path,
+    out: str | Path,
+    *,
+    batch_size: int = 4,
+    alpha: float = 0.5,
+    probs: bool = False,
+) -> Predictions:
+    """Segment an image file or the images of a folder into the folder ``out``.
+
+    Each input ``STEM.EXT`` gets ``STEM.png`` (palette label map), ``STEM_overlay.png`` and,
+    with ``probs``, ``STEM_probs.npy`` (float16 class probabilities ``(K, H, W)``); an instance
+    model gives ``STEM_instances.png`` per input and ``results.json`` (see
+    :func:`predict_instances`). Nothing is written until every output name is known to be free
+    of the inputs; an input is never overwritten.
+
+    Args:
+        predictor: a Segmenter or InstanceSegmenter (e.g. from :func:`denseseg.load_model`).
+        source: an image file or a folder of images (hidden files skipped).
+        out: the output folder, outside the input folder; created if missing.
+        batch_size: images per forward pass.
+        alpha: overlay opacity, 0 to 1.
+        probs: also write class probabilities (semantic models).
+
+    Returns:
+        The inputs and the files written.
+
+    Raises:
+        DataError: no input images, or a target is an input or a file this run wrote.
+        ConfigError: ``out`` is a file, is or lies inside the input folder, or two inputs
+            would share an output name.
+    """
+    source, out = Path(source), Path(out)
+    files = list_inputs(source)
+    check_out_folder(out, f"--out {out}")
+    refuse_out_in_input(source, out)
+    instance = getattr(predictor, "task", "semantic") == "instance"
+    plan = plan_outputs(files, out, instance, probs)
+    guard = NoClobber(files)
+    for targets in plan.values():
+        for target in targets:
+            guard.check(target)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [target for path in files for target in plan[path]]
+    if not instance:
+        predict_semantic(predictor, plan, batch_size=batch_size, alpha=alpha, before_write=guard)
+        return Predictions(files, written)
+    results = predict_instances(
+        predictor,
+        files,
+        out,
+        batch_size=batch_size,
+        alpha=alpha,
+        picture_names=[plan[f][0].name for f in files],
+        before_write=guard,
+    )
+    return Predictions(files, [*written, out / "results_images.json", results], results)
+
+
+def predict_semantic(
+    segmenter: Segmenter,
+    plan: dict[Path, list[Path]],
+    *,
+    batch_size: int = 4,
+    alpha: float = 0.5,
+    before_write: BeforeWrite | None = None,
+) -> int:
+    """Write each input's label map, overlay and (when planned) probabilities.
+
+    Args:
+        segmenter: the predictor.
+        plan: per input image, its outputs: the label map (palette PNG), the overlay and,
+            optionally, the ``.npy`` probabilities (see :func:`plan_outputs`).
+        batch_size: images per forward pass.
+        alpha: overlay opacity.
+        before_write: called as ``before_write(path, input_file)`` before each file is written;
+            it raises to refuse the write.
+
+    Returns:
+        How many inputs were segmented.
+    """
+    check = before_write or (lambda path, source: None)
+    files = list(plan)
+    probs = any(len(targets) > 2 for targets in plan.values())  # a third output: probabilities
+    with tqdm(total=len(files), desc="predict", unit="img", dynamic_ncols=True) as bar:
+        for i in range(0, len(files), batch_size):
+            chunk = files[i : i + batch_size]
+            images = [data_io.read_image(p) for p in chunk]
+            labels, chunk_probs = segmenter.predict_batch(images, return_probs=probs)
+            for k, (path, image, label) in enumerate(zip(chunk, images, labels)):
+                label_path, overlay_path, *probs_path = plan[path]
+                check(label_path, path)
+                data_io.write_mask(label_path, label, palette=segmenter.palette)
+                check(overlay_path, path)
+                data_io.write_image(
+                    overlay_path, overlay(image, label, segmenter.palette, alpha=alpha)
+                )
+                if chunk_probs is not None:
+                    check(probs_path[0], path)
+                    with data_io.atomic_write(probs_path[0], "probabilities") as fh:
+                        np.save(fh, chunk_probs[k].numpy().astype(np.float16))
+            bar.update(len(chunk))
+    return len(files)
+
+
+def coco_results(
+    prediction: dict[str, Tensor], image_id: int, category_ids: Sequence[int] | None = None
+) -> list[dict[str, Any]]:
+    """One image's predictions as COCO results entries (bbox XYWH, RLE segmentation, score).
+
+    Args:
+        prediction: what :meth:`InstanceSegmenter.predict` returns.
+        image_id: the image's id in the results file.
+        category_ids: the dataset category id of each class (default: the class index).
+    """
+    boxes = prediction["boxes"].double()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    out = []
+    for box, rle, label, score in zip(
+        xywh,
+        encode_masks(prediction["masks"]),
+        prediction["labels"].tolist(),
+        prediction["scores"].tolist(),
+    ):
+        cat = category_ids[label] if category_ids is not None else label
+        out.append(
+            {
+                "image_id": image_id,
+                "category_id": int(cat),
+                "bbox": [round(v, 2) for v in box],
+                "score": round(float(score), 5),
+                "segmentation": rle,
+            }
+        )
+    return out
+
+
+def predict_instances(
+    segmenter: InstanceSegmenter,
+    files: Sequence[Path],
+    out: str | Path,
+    *,
+    batch_size: int = 2,
+    alpha: float = 0.5,
+    min_score: float = 0.5,
+    picture_names: Sequence[str] | None = None,
+    before_write: BeforeWrite | None = None,
+) -> Path:
+    """Draw the instances of each image and write every detection as COCO results.
+
+    Writes ``<stem>_instances.png`` per image (a colour per instance, boxes, class names and
+    scores of the detections scoring at least ``min_score``) and ``results.json``: every
+    detection in COCO's results format (``image_id`` numbers the files from 1 in the order
+    given; ``images`` in ``results_images.json`` maps ids to file names).
+
+    Args:
+        picture_names: the picture's file name for each of ``files`` (default
+            ``<stem>_instances.png``); the caller makes them unique.
+        before_write: called as ``before_write(path, input_file)`` before each file is written
+            (``input_file`` None for the results files); it raises to refuse the write.
+
+    Returns:
+        The path of ``results.json``.
+    """
+    from denseseg.viz import draw_instances  # matplotlib: imported only when drawing
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(picture_names or [f"{p.stem}_instances.png" for p in files])
+    check = before_write or (lambda path, source: None)
+    results: list[dict[str, Any]] = []
+    images_meta = []
+    cat_ids = segmenter.meta.get("category_ids")
+    with tqdm(total=len(files), desc="predict", unit="img", dynamic_ncols=True) as bar:
+        for start in range(0, len(files), batch_size):
+            chunk = list(files[start : start + batch_size])
+            images = [data_io.read_image(p) for p in chunk]
+            preds = segmenter.predict_batch(images)
+            for image_id, (path, image, pred) in enumerate(zip(chunk, images, preds), start + 1):
+                h, w = image.shape[-2:]
+                images_meta.append(
+                    {"id": image_id, "file_name": path.name, "height": h, "width": w}
+                )
+                results += coco_results(pred, image_id, cat_ids)
+                shown = pred["scores"] >= min_score
+                picture = draw_instances(
+                    image,
+                    pred["boxes"][shown],
+                    pred["labels"][shown],
+                    pred["masks"][shown],
+                    scores=pred["scores"][shown],
+                    class_names=segmenter.class_names,
+                    alpha=alpha,
+                )
+                check(folder / names[image_id - 1], path)
+                data_io.write_image(folder / names[image_id - 1], picture)
+            bar.update(len(chunk))
+    _write_json(folder / "results_images.json", json.dumps(images_meta, indent=1), check)
+    return _write_json(folder / "results.json", json.dumps(results), check)
+
+
+def _write_json(path: Path, text: str, check: BeforeWrite) -> Path:
+    check(path, None)
+    with data_io.atomic_write(path, "results file") as fh:
+        fh.write(text.encode())
+    return path
