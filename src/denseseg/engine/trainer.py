@@ -390,56 +390,6 @@ def _restore(
         raise CheckpointError(f"{path}: its step, epoch or sampler position is damaged")
 
 
-def _restore(
-    path: Path,
-    device: torch.device,
-    model_name: str,
-    model_kwargs: dict,
-    parts: dict[str, Any],
-    state: dict[str, Any],
-) -> None:
-    """Load a run's state from ``path`` into ``parts`` (model, optimiser, ...) and ``state``;
-    anything that does not fit this recipe ends in one line naming the file."""
-    ckpt = load_checkpoint(path, map_location=device)
-    if ckpt.get("model_name") != model_name:
-        raise CheckpointError(
-            f"{path} holds model {ckpt.get('model_name')!r}, the recipe asks for "
-            f"{model_name!r}; resume with the same recipe"
-        )
-    saved = ckpt.get("model_kwargs")
-    if isinstance(saved, dict) and saved != model_kwargs:
-        keys = sorted(k for k in {*saved, *model_kwargs} if saved.get(k) != model_kwargs.get(k))
-        raise CheckpointError(
-            f"{path} was trained with other model options ({', '.join(keys)}: "
-            f"{[saved.get(k) for k in keys]} there, {[model_kwargs.get(k) for k in keys]} now); "
-            "resume with the recipe's model.kwargs unchanged"
-        )
-    missing = [k for k in (*parts, "rng", *state) if k not in ckpt]
-    if missing:
-        raise CheckpointError(
-            f"{path} cannot resume a run: it lacks {', '.join(missing)}; start a new run from "
-            f"its weights with model.weights={path}"
-        )
-    for name, part in parts.items():
-        try:
-            part.load_state_dict(ckpt[name])
-        except Exception as exc:  # each torch class raises its own type for a misfit state
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise CheckpointError(
-                f"{path}: its {name} state does not fit this run ({first[:200]})"
-            ) from None
-    try:
-        set_rng_state(ckpt["rng"])
-    except Exception as exc:
-        raise CheckpointError(
-            f"{path}: its random-number-generator state is damaged ({type(exc).__name__}); "
-            "resume from another checkpoint (step_*.pt)"
-        ) from None
-    state.update({k: ckpt[k] for k in state})
-    if not all(isinstance(state[k], int) and state[k] >= 0 for k in ("step", "epoch", "pos")):
-        raise CheckpointError(f"{path}: its step, epoch or sampler position is damaged")
-
-
 def _resume_path(out: Path, resume: bool | str | Path) -> Path | None:
     if resume is False or resume is None:
         if (out / "last.pt").exists():
