@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from denseseg.data.io import atomic_write, show_path  # noqa: E402
+from denseseg.checkpoint import atomic_write, show_path  # noqa: E402
 from denseseg.errors import DataError  # noqa: E402
 
 
