@@ -34,7 +34,7 @@ def test_demo_quick_writes_the_report(
 
 @pytest.mark.slow
 def test_colour_alone_fails_where_context_succeeds(demo_cache: Path, tmp_path: Path) -> None:
-    # The claim, with the demo's own recipes: the per-pixel colour classifier stays at or
+    # The demo's claim, with its own recipes: the per-pixel colour classifier stays at or
     # below 0.30 val mIoU, the U-Net reaches at least 0.80 (about 2.5 minutes on two cores).
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
