@@ -126,18 +126,13 @@ def train_loader(
     """The rest of epoch ``epoch`` from sample ``pos`` on, in the seed's shuffled order, whole
     batches only. The samples and their augmentation depend on ``(seed, epoch, pos)`` alone,
     not on the number of workers nor on where a run was interrupted."""
+    # Its own generator: by default every new loader iterator draws its workers' base seed
+    # from the global RNG, one draw more after a resume mid-epoch than the uninterrupted run
+    # made there, which shifts dropout and Mask R-CNN's box sampling afterwards.
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    sampler = EpochSampler(len(dataset), seed, epoch, pos)  # type: ignore[arg-type]
+    workers = {"num_workers": num_workers, "worker_init_fn": ignore_stop_signals}
+    batching = {"collate_fn": collate, "drop_last": True, "pin_memory": pin_memory}
     return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=EpochSampler(len(dataset), seed, epoch, pos),  # type: ignore[arg-type]
-        num_workers=num_workers,
-        drop_last=True,
-        pin_memory=pin_memory,
-        persistent_workers=False,
-        collate_fn=collate,
-        worker_init_fn=ignore_stop_signals,
-        # Its own generator: by default every new loader iterator draws its workers' base seed
-        # from the global RNG, one draw more after a resume mid-epoch than the uninterrupted
-        # run made there, which shifts dropout and Mask R-CNN's box sampling afterwards.
-        generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch),
+        dataset, batch_size, sampler=sampler, generator=generator, **workers, **batching
     )
