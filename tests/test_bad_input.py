@@ -1003,7 +1003,7 @@ def test_unprintable_names_work_and_print(workspace: Path, monkeypatch, capsys) 
     (workspace / "in" / "\u00e9t\u00e9.png").write_bytes(b"broken")
     err = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
     monkeypatch.setattr(sys, "stderr", err)
-    assert main(PRED) == 2
+    assert main([*PRED, "--overwrite"]) == 2  # a second run into the same --out
     err.flush()
     text = err.buffer.getvalue().decode("ascii")
     assert "denseseg: error:" in text and "\\xe9t\\xe9.png" in text
@@ -1337,3 +1337,150 @@ def test_read_only_run_folder(trained_run, tmp_path, capsys, monkeypatch) -> Non
     monkeypatch.setattr(os, "open", read_only)
     msg = run_cli(train_args(trained_run[0], tmp_path / "ro"), capsys)
     assert str(tmp_path / "ro") in msg and "Read-only" in msg
+
+
+# ====================================================================== found by hostile probes
+# Each case below was found by running denseseg from a shell as a hostile user would.
+BOMB = "\n".join(
+    [
+        "data:",
+        "  demo:",
+        '    a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]',
+        *(f"    {b}: &{b} [{', '.join([f'*{a}'] * 9)}]" for a, b in zip("abcdefghi", "bcdefghij")),
+    ]
+)
+
+
+def test_yaml_alias_bomb_recipe(tmp_path: Path, capsys) -> None:
+    recipe = tmp_path / "laughs.yaml"
+    recipe.write_text(BOMB + "\n")
+    msg = run_cli(["train", str(recipe)], capsys)
+    assert str(recipe) in msg and "aliases" in msg
+    msg = run_cli(["train", "unet_demo", "model.kwargs={a: &a [1, 1, 1], b: [*a, *a]}"], capsys)
+    assert "model.kwargs" in msg or "no option" in msg  # small aliases are fine, not a bomb
+
+
+@pytest.mark.parametrize(
+    "content", [BOMB.replace("data:\n  demo:", "palette:") + "\n", "classes: " + "[" * 5000]
+)
+def test_classes_yaml_bomb_and_deep_nesting(run_copy, capsys, content: str) -> None:
+    data, run = run_copy
+    (data / "classes.yaml").write_text(content)
+    before = snapshot(data, run, ignore=LOCK)
+    msg = run_cli(train_args(data, run, "train.max_steps=12", "--resume"), capsys)
+    assert "classes.yaml" in msg
+    assert snapshot(data, run, ignore=LOCK) == before
+
+
+def test_huge_ignore_index(run_copy, capsys) -> None:
+    data, run = run_copy
+    (data / "classes.yaml").write_text("classes: [a, b, c]\nignore_index: 99999999999999999999\n")
+    msg = run_cli(train_args(data, run, "train.max_steps=12", "--resume"), capsys)
+    assert "classes.yaml" in msg and "ignore_index" in msg
+
+
+def test_path_overrides_keep_their_text(tmp_path: Path) -> None:
+    from denseseg.config import parse_override
+
+    assert parse_override("train.out_dir=runs/a #2")[1] == "runs/a #2"
+    assert parse_override("train.out_dir=''")[1] == ""
+    assert parse_override("model.weights=null")[1] is None
+
+
+def test_recipe_copy_replaces_a_planted_symlink(trained_run, tmp_path: Path) -> None:
+    data, _ = trained_run
+    victim = tmp_path / "precious.txt"
+    victim.write_text("mine")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").symlink_to(victim)
+    (out / ".lock").symlink_to(tmp_path / "precious.txt")
+    assert main(train_args(data, out)) == 2  # the planted lock link is refused
+    (out / ".lock").unlink()
+    assert main(train_args(data, out)) == 0
+    assert victim.read_text() == "mine" and not (out / "config.yaml").is_symlink()
+
+
+def test_jpeg_mask_is_refused(run_copy, capsys) -> None:
+    data, run = run_copy
+    mask = data / "masks" / "train_001.png"
+    Image.open(mask).convert("L").save(mask, format="JPEG")  # a lossy file named .png
+    msg = run_cli(train_args(data, run, "train.max_steps=12", "--resume"), capsys)
+    assert "train_001.png" in msg and "JPEG" in msg
+    assert main(["check-data", "--dataset", "folder", "--root", str(data), "--no-progress",
+                 "--plot", str(run.parent / "h.png")]) == 1  # fmt: skip
+
+
+@pytest.mark.parametrize("device", ["bogus", "", "meta", "cuda:7"])
+def test_unknown_device(workspace: Path, capsys, device: str) -> None:
+    assert repr(device) in run_cli([*PRED, "--device", device], capsys)
+
+
+def test_predict_never_replaces_files_already_in_out(workspace: Path, capsys) -> None:
+    (workspace / "out").mkdir()
+    (workspace / "out" / "a.png").write_bytes(b"ground truth")
+    msg = run_cli(PRED, capsys)
+    assert "--overwrite" in msg and "a.png" in msg
+    assert (workspace / "out" / "a.png").read_bytes() == b"ground truth"
+    assert main([*PRED, "--overwrite"]) == 0
+    assert (workspace / "out" / "a.png").read_bytes() != b"ground truth"
+
+
+@pytest.mark.parametrize("case", ["out inside root", "empty split"])
+def test_eval_out_and_split(trained_run, tmp_path: Path, capsys, case: str) -> None:
+    data, run = trained_run
+    before = snapshot(data)
+    out = data / "masks" if case == "out inside root" else tmp_path / "e"
+    split = "" if case == "empty split" else "val"
+    args = ["eval", "--model", str(run / "last.pt"), "--root", str(data), "--out", str(out)]
+    msg = run_cli([*args, "--split", split], capsys)
+    assert ("--split" in msg) if split == "" else (str(data) in msg and "--out" in msg)
+    assert snapshot(data) == before
+
+
+def test_whole_images_of_different_sizes(trained_run, tmp_path: Path, capsys) -> None:
+    data, _ = trained_run
+    extra = ["data.crop_size=null", "data.scale_range=[0.5, 2.0]"]
+    msg = run_cli(train_args(data, tmp_path / "r", *extra), capsys)
+    assert "data.crop_size" in msg and "differ in size" in msg
+
+
+def test_tiny_scale_ratio_trains(trained_run, tmp_path: Path) -> None:
+    data, _ = trained_run
+    extra = ["data.scale_range=[0.001, 0.001]", "train.max_steps=2"]
+    assert main(train_args(data, tmp_path / "r", *extra)) == 0
+
+
+def test_plots_of_thousands_of_classes_stay_small(tmp_path: Path) -> None:
+    from denseseg.viz import plot_confusion_matrix, plot_per_class_iou
+
+    n = 2000
+    names = [f"c{i}" for i in range(n)]
+    plot_confusion_matrix(np.eye(n, dtype=np.int64), names, tmp_path / "cm.png")
+    plot_per_class_iou([0.5] * n, names, tmp_path / "iou.png")
+    for name in ("cm.png", "iou.png"):
+        with Image.open(tmp_path / name) as img:
+            assert max(img.size) < 5000
+
+
+def test_eval_resize_beyond_any_image(tmp_path: Path, capsys) -> None:
+    assert "data.eval_resize" in run_cli(["train", "unet_demo", "data.eval_resize=20000"], capsys)
+
+
+def test_class_names_cannot_drive_the_terminal() -> None:
+    from denseseg.metrics import format_table
+
+    results = {k: [0.5, 0.5] for k in ("IoU", "Acc", "Dice", "Precision", "Recall", "Fscore")}
+    results.update({k: 0.5 for k in ("mIoU", "mAcc", "aAcc", "fwIoU", "mDice", "mFscore")})
+    table = format_table(results, ["bg", "\x1b[2J\x1b[31mred\nrow"])
+    assert "\x1b" not in table and "\\x1b[2J" in table and "red\\nrow" in table
+
+
+def test_confusion_of_thousands_of_classes_goes_to_npy(tmp_path: Path) -> None:
+    from denseseg.metrics import save_results
+
+    n = 300
+    results = {k: [0.5] * n for k in ("IoU", "Acc", "Dice", "Precision", "Recall", "Fscore")}
+    save_results(results, None, tmp_path, confusion=np.eye(n, dtype=np.int64))
+    assert json.loads((tmp_path / "metrics.json").read_text())["confusion"] == "confusion.npy"
+    assert np.array_equal(np.load(tmp_path / "confusion.npy"), np.eye(n))

@@ -295,3 +295,17 @@ def test_resume_mid_epoch_with_dropout(data: Path, tmp_path: Path, monkeypatch) 
     monkeypatch.undo()
     trainer.train(cfg, resume=True)
     assert _same(_state(out), _state(tmp_path / "ref"))
+
+
+def test_an_error_with_loader_workers_exits(tmp_path: Path) -> None:
+    """A data error met by a loader worker ends the process with one line, and the process
+    exits: the workers must not outlive it (they once ignored SIGTERM, and Python's exit
+    waited for them forever)."""
+    data = write_folder_dataset(tmp_path / "data", n_train=4, n_val=1)
+    image = data / "images" / "train_002.png"
+    image.write_bytes(image.read_bytes()[:200])
+    args = ["train", "unet_demo", *tiny_recipe(data, tmp_path / "run"), "data.num_workers=1"]
+    done = subprocess.run(_cli(*args), env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("denseseg: error: ")
+    assert "train_002.png" in done.stderr and "Traceback" not in done.stderr

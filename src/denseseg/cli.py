@@ -61,11 +61,19 @@ def _setup_logging(verbose: bool) -> None:
 # ---------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
     from denseseg.config import load_config
+    from denseseg.engine import distributed
     from denseseg.engine.trainer import train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # checked here before torchrun starts
+    if args.nproc > 1:
+        resume_args = [] if args.resume is None else ["--resume", args.resume]
+        verbose = ["-v"] if args.verbose else []
+        train_args = ["train", args.config, *args.overrides, *resume_args]
+        return distributed.run_torchrun(args.nproc, [*verbose, *train_args])
     resume: bool | str = False if args.resume is None else (args.resume or True)
     result = train(cfg, resume=resume)
+    if not distributed.is_main():
+        return 0
     m = result["metrics"]
     if m and "segm_AP" in m:  # instance models
         summary = f"; val mask AP {100 * m['segm_AP']:.2f}%"
@@ -84,6 +92,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_json_path(args.json)
     out = Path(args.out)
     check_out_folder(out, f"--out {out}")
+    _refuse_out_in_dataset(out, args.root, args.split)
     options = _reader_options(args.option)
     seg = load_model(args.model, device=args.device, **_tta_option(args))
     written = run_eval(
@@ -102,6 +111,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     first, *rest = [path for kind, path in written.items() if kind != "copy"]
     _say(f"wrote {', '.join([str(first), *(p.name for p in rest)])}")
     return 0
+
+
+def _refuse_out_in_dataset(out: Path, root: str | None, split: str) -> None:
+    """Refuse an empty ``--split`` and an ``--out`` inside the dataset folder, where the
+    evaluation's pictures and tables would be read as data next time."""
+    if not split.strip():
+        raise ConfigError("--split is empty; name the split to evaluate (e.g. val)")
+    if root and out.resolve().is_relative_to(Path(root).resolve()):
+        raise ConfigError(
+            f"--out {out} lies inside the dataset folder --root {root}; the evaluation's files "
+            "would be read as data next time: choose an --out outside it"
+        )
 
 
 def _check_json_path(path: str | None) -> None:
@@ -127,9 +148,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     seg = load_model(
         args.model, device=args.device, threshold=args.threshold, **fast, **_tta_option(args)
     )
-    done = predict_folder(
-        seg, args.input, args.out, batch_size=args.batch_size, alpha=args.alpha, probs=args.probs
-    )
+    options = {"alpha": args.alpha, "probs": args.probs, "overwrite": args.overwrite}
+    done = predict_folder(seg, args.input, args.out, batch_size=args.batch_size, **options)
     out, n = Path(args.out), len(done.inputs)
     if done.results is not None:  # an instance model
         _say(f"wrote {n} instance pictures and {done.results.name} to {out}")
@@ -326,6 +346,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         metavar="CKPT",
         help="continue train.out_dir/last.pt (or the given checkpoint)",
     )
+    t.add_argument(
+        "--nproc",
+        type=_int_at_least(1),
+        default=1,
+        metavar="N",
+        help="train on N processes of this machine (starts torchrun; data.batch_size is per "
+        "process, the global batch N times it)",
+    )
     t.set_defaults(func=cmd_train)
 
 
@@ -371,7 +399,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "STEM_probs.npy in --out; an instance model gives STEM_instances.png and results.json. "
         "Two inputs that would share an output name (a.png and a.jpg; b.png and "
         "b_overlay.png) are refused, naming both, and so is an --out that is, or lies inside, "
-        "the input folder: no input file is ever overwritten.",
+        "the input folder: no input file is ever overwritten. Files already in --out are "
+        "replaced only with --overwrite.",
     )
     r.add_argument("input", help="image file or folder")
     r.add_argument(
@@ -386,6 +415,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "--out", type=_path, default="runs/predict", help="output folder, outside the input folder"
     )
     r.add_argument("--probs", action="store_true", help="also save class probabilities (.npy)")
+    r.add_argument(
+        "--overwrite", action="store_true", help="replace files of the same names in --out"
+    )
     r.add_argument("--batch-size", type=_BATCH, default=4, help="images per forward pass (>= 1)")
     r.add_argument("--alpha", type=_fraction, default=0.5, help="overlay opacity, 0 to 1")
     r.add_argument(

@@ -19,7 +19,9 @@ from typing import Any
 
 import yaml
 
+from denseseg.checkpoint.files import atomic_write
 from denseseg.errors import ConfigError
+from denseseg.yamlfile import check_size, load_yaml
 
 RECIPE_DIR = Path(__file__).parent / "configs"
 
@@ -265,9 +267,13 @@ def _typed(what: str, *types: type, ok=lambda v: True) -> _Rule:
     return _Rule(what, _checked(lambda v: v, fits))
 
 
+MAX_SIDE = 16384
+"""Largest image side a resize may ask for (a 16384 x 16384 RGB float image takes 3 GiB)."""
+
+
 def _size(value: Any) -> int | list[int]:
     # A short side, or [long, short] (mmseg's keep-ratio sizes).
-    side = _int(1)
+    side = _int(1, MAX_SIDE + 1)
     if isinstance(value, (list, tuple)) and len(value) in (1, 2):
         return [side.convert(v) for v in value]
     return side.convert(value)
@@ -292,7 +298,9 @@ _UNIT = _real("in [0, 1)", lambda x: 0 <= x < 1)
 _NON_NEGATIVE = _real(">= 0", lambda x: x >= 0)
 _POSITIVE = _real("> 0", lambda x: x > 0)
 _DEVICES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-_SIZE = _optional(_Rule("", _size), "null, a short side or [long, short] (integers >= 1)")
+_SIZE = _optional(
+    _Rule("", _size), f"null, a short side or [long, short] (integers from 1 to {MAX_SIDE})"
+)
 _CLASS_WEIGHTS = _Rule(
     "", lambda v: v if isinstance(v, str) else _list("", _NON_NEGATIVE).convert(v)
 )
@@ -457,12 +465,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if len(parts) < 2 or not all(parts):
         raise ConfigError(f"override {text!r}: the key must be section.key (e.g. train.max_steps)")
+    text_key = ".".join(parts) in _TEXT_KEYS
+    if text_key and not value.strip().startswith(("'", '"')):
+        # A path as typed: runs/a #2 keeps its "#2", 2024-01-01 is no date ('...' is YAML).
+        return parts, None if value.strip() in ("", "null", "~") else value
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
     except (yaml.YAMLError, RecursionError):
         parsed = value
-    if ".".join(parts) in _TEXT_KEYS and not isinstance(parsed, (str, type(None))):
-        parsed = value.strip()
+    check_size(parsed, f"override {key.strip()}")
     return parts, parsed
 
 
@@ -497,11 +508,7 @@ def _read_recipe(file: Path) -> dict[str, Any]:
         ) from None
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read the recipe ({exc.strerror})") from None
-    try:
-        raw = yaml.safe_load(text)  # safe: tags such as !!python/object are refused
-    except (yaml.YAMLError, RecursionError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "parse error"
-        raise ConfigError(f"{file}: not valid YAML ({first})") from None
+    raw = load_yaml(text, str(file))
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -535,5 +542,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (next to a run's outputs)."""
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write the resolved config as YAML (next to a run's outputs), atomically and without
+    following a symbolic link planted at ``path``."""
+    with atomic_write(path, "recipe copy") as fh:
+        fh.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())

@@ -24,6 +24,9 @@ from matplotlib.patches import Patch  # noqa: E402
 from denseseg.checkpoint import atomic_write, show_path  # noqa: E402
 from denseseg.errors import DataError  # noqa: E402
 
+MAX_LABELLED = 60
+"""Most classes a plot names one by one; beyond, plots summarise (a figure stays readable)."""
+
 
 def plain_text(text: object) -> str:
     """``text`` as matplotlib draws it literally: dollar signs escaped, so that mathtext (text
@@ -83,6 +86,15 @@ def plot_per_class_iou(
     palette: Sequence[Sequence[int]] | None = None,
 ) -> Path:
     """Horizontal bar chart of per-class IoU in percent (NaN classes shown as 'n/a')."""
+    finite = [v for v in iou if v == v]
+    miou = 100 * sum(finite) / len(finite) if finite else float("nan")
+    shown = list(range(len(iou)))
+    if len(shown) > MAX_LABELLED:  # thousands of bars would make a picture no one can read
+        shown = sorted(shown, key=lambda i: iou[i] if iou[i] == iou[i] else 2.0)[:MAX_LABELLED]
+        title = f"{title} ({MAX_LABELLED} lowest of {len(iou)} classes)".strip()
+    iou = [iou[i] for i in shown]
+    class_names = [class_names[i] for i in shown]
+    palette = [palette[i] for i in shown] if palette else None
     vals = [100 * v if v == v else 0.0 for v in iou]
     fig, ax = plt.subplots(figsize=(6, 0.35 * len(vals) + 1.2))
     colors = [np.array(c) / 255.0 for c in palette] if palette else None
@@ -99,8 +111,6 @@ def plot_per_class_iou(
             va="center",
             fontsize=8,
         )
-    finite = [v for v in iou if v == v]
-    miou = 100 * sum(finite) / len(finite) if finite else float("nan")
     ax.set_title(f"{plain_text(title)}  mIoU {miou:.1f}%".strip(), fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
@@ -114,11 +124,12 @@ def plot_confusion_matrix(
     rows = cm.sum(1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0) * 100
     n = len(class_names)
-    size = max(4.0, 0.55 * n + 2)
+    size = min(max(4.0, 0.55 * n + 2), 0.55 * MAX_LABELLED + 2)  # an image, not a poster
     fig, ax = plt.subplots(figsize=(size, size))
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=100)
-    ax.set_xticks(range(n), _plain_all(class_names), rotation=45, ha="right")
-    ax.set_yticks(range(n), _plain_all(class_names))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=100, interpolation="nearest")
+    if n <= MAX_LABELLED:
+        ax.set_xticks(range(n), _plain_all(class_names), rotation=45, ha="right")
+        ax.set_yticks(range(n), _plain_all(class_names))
     ax.set_xlabel("predicted")
     ax.set_ylabel("ground truth")
     if n <= 25:

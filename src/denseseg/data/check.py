@@ -25,7 +25,7 @@ from denseseg.data.palette import Color
 from denseseg.data.registry import get_dataset
 from denseseg.data.stats import class_frequency_counts
 from denseseg.errors import DataError
-from denseseg.viz import _plain_all, _save, plain_text, plt  # Agg backend, set up in viz
+from denseseg.viz import MAX_LABELLED, _plain_all, _save, plain_text, plt  # Agg: set up in viz
 
 __all__ = [
     "DataReport",
@@ -252,7 +252,8 @@ def plot_class_histogram(report: DataReport, path: str | Path) -> Path:
         ``path``.
     """
     n, k = len(report.classes), max(len(report.splits), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * n * k + 2), 4.2))
+    width_in = min(max(6.0, 0.45 * n * k + 2), 0.45 * MAX_LABELLED + 2)  # not a poster
+    fig, ax = plt.subplots(figsize=(width_in, 4.2))
     width = 0.8 / k
     colors = [np.array(c) / 255.0 for c in report.palette]
     for j, s in enumerate(report.splits):
@@ -269,7 +270,10 @@ def plot_class_histogram(report: DataReport, path: str | Path) -> Path:
             label=plain_text(f"{s.split} ({s.images} images)"),
         )
     ax.set_yscale("log")
-    ax.set_xticks(range(n), _plain_all(report.classes), rotation=45 if n > 6 else 0, ha="right")
+    if n <= MAX_LABELLED:
+        ax.set_xticks(range(n), _plain_all(report.classes), rotation=45 if n > 6 else 0, ha="right")
+    else:
+        ax.set_xlabel(f"class index (0 to {n - 1})")
     ax.set_ylabel("pixels (log scale)")
     title = plain_text(f"class pixels: {report.dataset} {report.root or ''}".strip())
     ax.set_title(title, fontsize=10)

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from denseseg.data.datasets.base import IMAGE_SUFFIXES, SegmentationDataset, SplitNotFound
 from denseseg.data.io import image_info, read_mask, read_text, show_path
@@ -51,6 +50,7 @@ from denseseg.data.stats import (  # noqa: F401
     median_frequency_weights,
 )
 from denseseg.errors import ConfigError, DataError
+from denseseg.yamlfile import load_yaml
 
 __all__ = ["IMAGE_SUFFIXES", "FolderDataset", "available_splits"]
 
@@ -63,10 +63,7 @@ _ALL_SPLITS = ("all", None)
 def _read_classes_yaml(path: Path) -> tuple[list[str] | None, list[Color] | None, int]:
     """Parse ``classes.yaml`` into (names, palette, ignore_index); ConfigError on any fault."""
     text = read_text(path, "class list", ConfigError)
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{show_path(path)} is not valid YAML ({exc}); fix its syntax") from exc
+    data = load_yaml(text, show_path(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{show_path(path)} must be a mapping with keys {', '.join(_YAML_KEYS)}")
     for key in data:
@@ -109,9 +106,12 @@ def _read_classes_yaml(path: Path) -> tuple[list[str] | None, list[Color] | None
         palette = [c if c is not None else fallback[i] for i, c in enumerate(colors)]
 
     ignore_index = data.get("ignore_index", 255)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or ignore_index < 0:
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        ignore_index = -1
+    if not 0 <= ignore_index <= 65535:  # a mask PNG stores at most 16-bit values
         raise ConfigError(
-            f"{show_path(path)}: ignore_index must be an integer >= 0, got {ignore_index!r}"
+            f"{show_path(path)}: ignore_index must be an integer from 0 to 65535, got "
+            f"{data.get('ignore_index')!r}"
         )
     return names, palette, ignore_index
 

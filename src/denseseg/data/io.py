@@ -67,6 +67,8 @@ PathLike = str | os.PathLike
 _GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 # Modes whose pixel values can be class indices.
 _INDEX_MODES = {"1", "L", "LA", "P", "PA", "I", "I;16", "I;16L", "I;16B", "I;16N"}
+# Lossy formats: a mask saved in one no longer holds the indices it was given.
+_LOSSY_FORMATS = {"JPEG", "MPO"}
 # EXIF orientations 5-8 rotate by 90 degrees, so height and width swap.
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 
@@ -198,8 +200,15 @@ def _bomb_error(path: Path, what: str, pixels: int | None, limit: int, size: str
 
 
 def _decode(path: PathLike, what: str) -> Image.Image:
-    """Open and fully decode ``path`` with EXIF orientation applied."""
+    """Open and fully decode ``path`` with EXIF orientation applied; masks must be stored in a
+    lossless format (JPEG smears the class indices at every edge)."""
     img = _open(path, what)
+    if what == "mask" and img.format in _LOSSY_FORMATS:
+        img.close()
+        raise DataError(
+            f"mask {show_path(path)} is stored as {img.format}, a lossy format that changes class "
+            "indices near every edge; export the masks as PNG"
+        )
     try:
         with img:
             # Image.open only parses the header; load() decodes every pixel, which is where a

@@ -97,6 +97,8 @@ def keep_ratio_factor(height: int, width: int, size: Sequence[int]) -> float:
 
 
 def _resize(transform: v2.Transform, inpt: Any, size: list[int]) -> Any:
+    # A tiny ratio on a small image: at least 2 pixels (0 fails; uint8 to 1x1 trips a torch assert).
+    size = [max(2, int(s)) for s in size]
     if isinstance(inpt, tv_tensors.Mask):
         # NEAREST_EXACT samples at pixel centres like the bilinear image resize; plain
         # NEAREST (torchvision's mask default) shifts labels by up to half an input pixel.

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from denseseg.engine.distributed import is_main
 from denseseg.engine.precise_bn import calibration_batches, recompute_bn_stats
 
 if TYPE_CHECKING:
@@ -55,10 +56,14 @@ def _due(step: int, every: int, last: int) -> bool:
 
 
 class LogHook(HookBase):
-    """Progress bar, ``log.csv`` (rewritten atomically on resume) and TensorBoard."""
+    """Progress bar, ``log.csv`` (rewritten atomically on resume) and TensorBoard; written by
+    rank 0 alone when several processes train."""
 
     def before_train(self, trainer: Trainer) -> None:
         tc = trainer.cfg.train
+        self.active = is_main()
+        if not self.active:
+            return
         self.start = time.time()
         self.csv = CsvLog(trainer.out / "log.csv", trainer.step if trainer.resumed else None)
         self.writer = _open_tensorboard(trainer.out, tc.tensorboard)
@@ -72,6 +77,8 @@ class LogHook(HookBase):
 
     def after_step(self, trainer: Trainer) -> None:
         step, tc = trainer.step, trainer.cfg.train
+        if not self.active:
+            return
         self.bar.update(1)
         if not (step % tc.log_every == 0 or step == tc.max_steps):
             return
@@ -83,6 +90,8 @@ class LogHook(HookBase):
         self._scalars({"train/loss": loss, "train/lr": lr}, step)
 
     def after_eval(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        if not self.active:
+            return
         report = trainer.task.report(metrics, trainer.step)
         log.info("%s", report.line)
         self.csv.write(step=trainer.step, epoch=trainer.epoch, **report.csv)
@@ -128,7 +137,9 @@ class CheckpointHook(HookBase):
     def after_step(self, trainer: Trainer) -> None:
         tc = trainer.cfg.train
         if _due(trainer.step, tc.ckpt_every, tc.max_steps):
-            keep_last(trainer.out, trainer.save("last"), trainer.step, tc.keep_last)
+            last = trainer.save("last")
+            if is_main():
+                keep_last(trainer.out, last, trainer.step, tc.keep_last)
 
     def after_eval(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         key = f"best_{trainer.task.best_metric}"

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from denseseg.data import io as data_io
 from denseseg.data.palette import overlay
 from denseseg.engine.outputs import NoClobber, check_out_folder, plan_outputs, refuse_out_in_input
-from denseseg.errors import DataError
+from denseseg.errors import ConfigError, DataError
 from denseseg.inference.instance_segmenter import InstanceSegmenter
 from denseseg.inference.segmenter import Segmenter
 from denseseg.metrics.coco import encode_masks
@@ -90,6 +90,7 @@ def predict_folder(
     batch_size: int = 4,
     alpha: float = 0.5,
     probs: bool = False,
+    overwrite: bool = False,
 ) -> Predictions:
     """Segment an image file or the images of a folder into the folder ``out``.
 
@@ -106,14 +107,16 @@ def predict_folder(
         batch_size: images per forward pass.
         alpha: overlay opacity, 0 to 1.
         probs: also write class probabilities (semantic models).
+        overwrite: replace files of those names already in ``out`` (else refused: they may be
+            a user's, e.g. ground-truth masks).
 
     Returns:
         The inputs and the files written.
 
     Raises:
         DataError: no input images, or a target is an input or a file this run wrote.
-        ConfigError: ``out`` is a file, is or lies inside the input folder, or two inputs
-            would share an output name.
+        ConfigError: ``out`` is a file, is or lies inside the input folder, two inputs would
+            share an output name, or an output exists already and ``overwrite`` is False.
     """
     source, out = Path(source), Path(out)
     files = list_inputs(source)
@@ -125,6 +128,8 @@ def predict_folder(
     for targets in plan.values():
         for target in targets:
             guard.check(target)
+    if not overwrite:
+        _refuse_existing([t for targets in plan.values() for t in targets], out)
     out.mkdir(parents=True, exist_ok=True)
     written = [target for path in files for target in plan[path]]
     if not instance:
@@ -140,6 +145,15 @@ def predict_folder(
         before_write=guard,
     )
     return Predictions(files, [*written, out / "results_images.json", results], results)
+
+
+def _refuse_existing(targets: Sequence[Path], out: Path) -> None:
+    existing = [t for t in targets if t.exists() or t.is_symlink()]
+    if existing:
+        raise ConfigError(
+            f"--out {out} already holds {len(existing)} of the files predict would write (e.g. "
+            f"{existing[0].name}); pass --overwrite to replace them, or choose another --out"
+        )
 
 
 def predict_semantic(

@@ -58,9 +58,15 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)  # never through a link
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, flags, 0o644)
         except OSError as exc:
+            if self.path.is_symlink():
+                raise ConfigError(
+                    f"{self.path} is a symbolic link; the run folder's lock must be a plain "
+                    "file: remove the link"
+                ) from None
             raise ConfigError(
                 f"cannot lock the run folder {self.path.parent} ({exc.strerror or exc})"
             ) from None

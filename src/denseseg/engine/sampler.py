@@ -25,19 +25,47 @@ def _mix(*xs: int) -> int:
 
 
 class EpochSampler(Sampler):
-    """Yields ``(index, sample_seed)`` for one epoch, starting at ``start`` items in."""
+    """Yields ``(index, sample_seed)`` for one epoch, starting at ``start`` items in.
 
-    def __init__(self, n: int, seed: int, epoch: int = 0, start: int = 0) -> None:
+    With ``world > 1`` processes the epoch's one shuffled order is shared: each step consumes
+    ``world * batch_size`` consecutive positions of it and ``rank`` takes its ``batch_size``
+    slice, so the processes together see at each step what one process with batch
+    ``world * batch_size`` sees, and each sample's seed depends on its position in the epoch,
+    not on the rank. Only whole global batches are yielded then (every rank takes as many
+    steps); ``start`` counts global positions.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        epoch: int = 0,
+        start: int = 0,
+        *,
+        rank: int = 0,
+        world: int = 1,
+        batch_size: int = 1,
+    ) -> None:
         self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
+        self.rank, self.world, self.batch_size = rank, world, batch_size
+
+    def positions(self) -> list[int]:
+        """This rank's positions in the epoch's order, in the order it takes them."""
+        if self.world == 1:
+            return list(range(self.start, self.n))
+        step = self.world * self.batch_size
+        first = self.start + self.rank * self.batch_size
+        steps = max(0, (self.n - self.start) // step)
+        return [first + k * step + j for k in range(steps) for j in range(self.batch_size)]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
         perm = torch.randperm(self.n, generator=g).tolist()
-        for pos in range(self.start, self.n):
+        for pos in self.positions():
             yield perm[pos], _mix(self.seed, self.epoch, pos)
 
     def __len__(self) -> int:
-        return self.n - self.start
+        return len(self.positions())
 
 
 class SeededTransformDataset(Dataset):

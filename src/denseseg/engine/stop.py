@@ -56,6 +56,6 @@ class StopOnSignal:
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
     """DataLoader ``worker_init_fn``: Ctrl-C reaches the whole process group; the main process
-    decides when to stop, so its loader workers must not die under it mid-epoch."""
-    for s in SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+    decides when to stop, so its loader workers ignore SIGINT. SIGTERM keeps its default: the
+    loader's own shutdown (and Python's at exit) ends workers with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

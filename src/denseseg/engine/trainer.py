@@ -9,14 +9,20 @@ scaler, step, epoch, sampler position, RNG states, resolved config) goes into ea
 so ``resume=True`` continues exactly where a run stopped. Ctrl-C or SIGTERM stops after the
 current step and saves a consistent ``last.pt`` (:mod:`denseseg.engine.stop`); the run folder
 is locked against a second training (:mod:`denseseg.engine.run_folder`).
+
+Under ``torchrun`` (:mod:`denseseg.engine.distributed`) every process runs this loop on its
+share of each global batch, through DistributedDataParallel; rank 0 alone locks the run folder,
+logs, prints and saves, and the stop flag of a signal is agreed after each step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
-from collections.abc import Sequence
+import signal
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +40,7 @@ from denseseg.checkpoint.serialization import (
     set_rng_state,
 )
 from denseseg.config import Config, save_config
+from denseseg.engine import distributed as dist
 from denseseg.engine.hooks import HookBase, default_hooks
 from denseseg.engine.optim import backward_and_step, build_optimizer, lr_factor
 from denseseg.engine.run_folder import RunLock, make_run_folder
@@ -71,13 +78,43 @@ def train(
         ``{"out_dir", "step", "best_mIoU", "metrics" (last evaluation), "checkpoint"}``;
         instance models give ``best_segm_AP`` (COCO mask AP) instead of ``best_mIoU``.
     """
-    out = make_run_folder(cfg.train.out_dir)
-    with RunLock(out):  # before any data is read: a second run on this folder stops here
+    with dist.process_group(resolve_device(cfg.train.device)), _quiet_unless_main():
+        with _locked_run_folder(cfg.train.out_dir) as out:
+            trainer = Trainer(cfg, out, _resume_path(out, resume))
+            trainer.hooks += list(hooks)
+            return trainer.run()
+
+
+@contextlib.contextmanager
+def _locked_run_folder(out_dir: str):
+    """The run folder, locked (before any data is read: a second run on it stops here) and
+    cleaned of a killed save's temporaries; by rank 0 alone, the other ranks wait for it."""
+    if not dist.is_main():
+        dist.barrier()
+        yield Path(out_dir)
+        return
+    out = make_run_folder(out_dir)
+    with RunLock(out):
         for stale in remove_stale_temporaries(out):
             log.info("removed %s, left by a save that was killed", stale.name)
-        trainer = Trainer(cfg, out, _resume_path(out, resume))
-        trainer.hooks += list(hooks)
-        return trainer.run()
+        dist.barrier()
+        yield out
+
+
+@contextlib.contextmanager
+def _quiet_unless_main():
+    """Ranks other than 0 log errors only."""
+    level = log.level
+    if not dist.is_main():
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+class _LoaderStopped(Exception):
+    """The loader's workers ended under a stop signal before the next batch was read."""
 
 
 class Trainer:
@@ -99,12 +136,14 @@ class Trainer:
         tc, dc = cfg.train, cfg.data
         self.cfg, self.out, self.resumed = cfg, out, ckpt_path is not None
         seed_everything(tc.seed, tc.deterministic)
-        self.device = resolve_device(tc.device)
+        self.device = dist.local_device(resolve_device(tc.device))
+        self.rank, self.world = dist.rank(), dist.world_size()
         raw, self.val = read_training_split(dc), read_validation_split(dc)
         self._build_model(raw)
         self.task = task_for(self.model)
         self.task.check(cfg, raw)
         self.data = training_pipeline(dc, raw, normalise=not self.task.normalises_inside)
+        self.batch_size = _per_process_batch(dc.batch_size, len(self.data.dataset), self.world)
         self.task.prepare(cfg, self.data, self.model_kwargs, self.device)
         self._build_optimisation()
         self.meta = self._meta()
@@ -112,10 +151,20 @@ class Trainer:
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "pos": 0, best: -1.0, "metrics": None}
         if ckpt_path is not None:
             parts = {n: getattr(self, n) for n in ("model", "optimizer", "scheduler", "scaler")}
-            _restore(ckpt_path, self.device, cfg.model.name, self.model_kwargs, parts, self.state)
+            sharding = (self.batch_size, self.world)
+            _restore(
+                ckpt_path,
+                self.device,
+                cfg.model.name,
+                self.model_kwargs,
+                parts,
+                self.state,
+                sharding,
+            )
             log.info("resumed from %s at step %d", ckpt_path, self.state["step"])
         self.predictor = build_predictor(self.model, self.meta, self.device)
-        self.batch_size = min(dc.batch_size, len(self.data.dataset))
+        self.train_model = self._parallel_model()
+        self.agreed_signum = 0  # the stop signal all ranks agreed on after the last step
         self.saved_step = self.step if ckpt_path == out / "last.pt" else None
         self.loss, self.stopped, self.stop = float("nan"), False, StopOnSignal()
         self.hooks: list[HookBase] = default_hooks(self)
@@ -136,10 +185,11 @@ class Trainer:
         finally:
             self._call("after_train")
         if self.stopped:
-            name, path = self.stop.name, self.out / "last.pt"
+            signum, path = self._stop_signum(), self.out / "last.pt"
             raise Interrupted(
-                f"{name} at step {self.step}: saved {path}; continue with --resume",
-                self.stop.signum,
+                f"{signal.Signals(signum).name} at step {self.step}: saved {path}; continue "
+                "with --resume",
+                signum,
             )
         best = f"best_{self.task.best_metric}"
         return {
@@ -153,28 +203,47 @@ class Trainer:
     def _loop(self) -> None:
         max_steps, state = self.cfg.train.max_steps, self.state
         self.model.train()
-        while self.step < max_steps and not self.stop.signum:
-            for batch in self._batches():
-                if self.stop.signum:  # arrived while the batch was being read: no step begun
-                    break
-                self.run_step(batch)
-                self._call("after_step")
-                if self.step >= max_steps or self.stop.signum:
-                    break
-            else:
-                state["epoch"], state["pos"] = state["epoch"] + 1, 0
-        self.stopped = bool(self.stop.signum) and self.step < max_steps
+        while self.step < max_steps and not self._stop_signum():
+            try:
+                for batch in self._batches():
+                    if self._stop_signum():  # came while the batch was being read: no step begun
+                        break
+                    self.run_step(batch)
+                    self._call("after_step")
+                    if self.step >= max_steps or self._stop_signum():
+                        break
+                else:
+                    state["epoch"], state["pos"] = state["epoch"] + 1, 0
+            except _LoaderStopped:
+                break
+        self.stopped = bool(self._stop_signum()) and self.step < max_steps
+
+    def _stop_signum(self) -> int:
+        """The signal that stops training (0: none). With several processes, the one agreed
+        on after the last step, so that every rank stops after the same step."""
+        return (self.stop.signum or 0) if self.world == 1 else self.agreed_signum
+
+    def _agree(self) -> None:
+        """Several processes: the loss of the global batch (the mean of the ranks'), and the
+        stop flag (any rank's signal stops them all after this step)."""
+        if self.world == 1:
+            return
+        loss = torch.tensor([self.loss], dtype=torch.float64, device=self.device)
+        self.loss = float(dist.all_reduce_sum(loss)) / self.world
+        signum = torch.tensor([self.stop.signum or 0], device=self.device)
+        self.agreed_signum = int(dist.all_reduce_max(signum))
 
     def run_step(self, batch: Any) -> None:
         """One optimiser step on ``batch``: the task's loss (under autocast), backward,
         clipping, the update, the schedule; stops on a NaN loss."""
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            loss = self.task.loss(self.model, batch, self.device)
+            loss = self.task.loss(self.train_model, batch, self.device)
         grad_clip = self.cfg.optim.grad_clip
         self.loss = backward_and_step(loss, self.model, self.optimizer, self.scaler, grad_clip)
         self.scheduler.step()
         self.state["step"] += 1
-        self.state["pos"] += self.batch_size
+        self.state["pos"] += self.batch_size * self.world  # global samples
+        self._agree()
 
     def evaluate(self) -> dict[str, Any] | None:
         """Evaluate on the validation split (between ``before_eval`` and ``after_eval``)."""
@@ -190,10 +259,11 @@ class Trainer:
     def save(self, kind: str) -> Path:
         """Write ``<out>/<kind>.pt`` (``last`` or ``best``) atomically, with ``config.yaml``
         beside it (not at the start: a resume that fails while reading its first batches must
-        leave the run's files as they were)."""
-        save_config(self.cfg, self.out / "config.yaml")
+        leave the run's files as they were). Rank 0 alone writes."""
         path = self.out / f"{kind}.pt"
-        atomic_save(self.checkpoint(), path)
+        if dist.is_main():
+            save_config(self.cfg, self.out / "config.yaml")
+            atomic_save(self.checkpoint(), path)
         if kind == "last":
             self.saved_step = self.step
         return path
@@ -210,6 +280,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "config": self.cfg.to_dict(),
+            "world_size": self.world,
+            "global_batch": self.batch_size * self.world,
         }
 
     @property
@@ -221,7 +293,17 @@ class Trainer:
         return self.state["epoch"]
 
     # ------------------------------------------------------------------ building the run
-    def _batches(self):
+    def _batches(self) -> Iterator[Any]:
+        """The rest of the epoch's batches; a loader whose workers a stop signal ended too
+        (Ctrl-C or a scheduler's SIGTERM to the process group) ends the loop cleanly."""
+        try:
+            yield from self._loader()
+        except RuntimeError:
+            if not self.stop.signum:
+                raise
+            raise _LoaderStopped from None  # the step that needed this batch never began
+
+    def _loader(self) -> Any:
         dc = self.cfg.data
         return train_loader(
             self.data.dataset,
@@ -232,6 +314,8 @@ class Trainer:
             num_workers=dc.num_workers,
             collate=self.task.collate,
             pin_memory=self.device.type == "cuda",
+            rank=self.rank,
+            world=self.world,
         )
 
     def _call(self, event: str, *args: Any) -> None:
@@ -246,6 +330,26 @@ class Trainer:
         if cfg.optim.freeze_backbone:
             _freeze_backbone(self.model)
         self.model.to(self.device)
+
+    def _parallel_model(self) -> nn.Module:
+        """The model the steps run: ``self.model`` itself, or DistributedDataParallel around it
+        with several processes (``self.model`` stays the unwrapped one, for checkpoints and
+        the predictor)."""
+        if self.world == 1:
+            return self.model
+        log.info(
+            "training on %d processes: data.batch_size=%d per process, global batch %d",
+            self.world,
+            self.batch_size,
+            self.world * self.batch_size,
+        )
+        # Branches some steps leave out: an auxiliary head, Mask R-CNN's heads.
+        unused = getattr(self.model, "task", "semantic") != "semantic"
+        unused = unused or getattr(self.model, "aux_head", None) is not None
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(
+            self.model, device_ids=ids, find_unused_parameters=unused
+        )
 
     def _build_optimisation(self) -> None:
         oc, sc, tc = self.cfg.optim, self.cfg.schedule, self.cfg.train
@@ -334,6 +438,34 @@ def _freeze_backbone(model: nn.Module) -> None:
         p.requires_grad_(False)
 
 
+def _per_process_batch(batch_size: int, n: int, world: int) -> int:
+    """``data.batch_size``, at most the split's size (shared by the processes)."""
+    if n < world:
+        raise ConfigError(
+            f"the training split has {n} images, fewer than the {world} processes; use fewer "
+            "processes"
+        )
+    return min(batch_size, n // world)
+
+
+def _check_global_batch(path: Path, ckpt: dict, batch_size: int, world: int) -> None:
+    """A run may resume on another number of processes if the global batch stays the same
+    (the same samples at each step, re-sharded)."""
+    was, global_batch = ckpt.get("world_size", 1), ckpt.get("global_batch")
+    if was == world or not isinstance(global_batch, int) or global_batch == batch_size * world:
+        return
+    hint = (
+        f"set data.batch_size={global_batch // world}"
+        if global_batch % world == 0
+        else f"use a number of processes that divides {global_batch}"
+    )
+    raise ConfigError(
+        f"{path} was trained on {was} processes with global batch {global_batch}; "
+        f"data.batch_size={batch_size} on {world} processes makes {batch_size * world}; "
+        f"{hint} to resume it"
+    )
+
+
 def _last_saved(out: Path, step: int | None) -> str:
     if step is None:
         return f"no checkpoint was written yet in {out}"
@@ -347,10 +479,13 @@ def _restore(
     model_kwargs: dict,
     parts: dict[str, Any],
     state: dict[str, Any],
+    sharding: tuple[int, int] = (1, 1),
 ) -> None:
     """Load a run's state from ``path`` into ``parts`` (model, optimiser, ...) and ``state``;
-    anything that does not fit this recipe ends in one line naming the file."""
+    anything that does not fit this recipe (or its ``sharding``: per-process batch and number
+    of processes) ends in one line naming the file."""
     ckpt = load_checkpoint(path, map_location=device)
+    _check_global_batch(path, ckpt, *sharding)
     if ckpt.get("model_name") != model_name:
         raise CheckpointError(
             f"{path} holds model {ckpt.get('model_name')!r}, the recipe asks for "

@@ -59,6 +59,27 @@ class CrossEntropyLoss(nn.Module):
             label_smoothing=self.label_smoothing,
         )
 
+    def sum_and_weight(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """The summed loss and the summed weight of the non-ignored pixels (their count without
+        class weights): :meth:`forward` is their ratio. Training on several processes divides
+        the sum by the weight summed over all of them, so that the mean is the global batch's.
+        """
+        _check_shapes(logits, target, "CrossEntropyLoss")
+        target = target.long()
+        valid = target != self.ignore_index
+        weight = None if self.weight is None else self.weight.to(logits.device, logits.dtype)
+        total = F.cross_entropy(
+            logits,
+            target,
+            weight=weight,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            reduction="sum",
+        )
+        if weight is None:
+            return total, valid.sum().to(logits.dtype)
+        return total, weight[target[valid]].sum()
+
 
 class BCEWithLogits(nn.Module):
     """Binary cross-entropy on one logit channel, with an ignore label.

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from denseseg.checkpoint.files import atomic_write
+from denseseg.checkpoint.files import atomic_write, show_path
 from denseseg.errors import ConfigError, DataError
 
 ABSENT_POLICIES = ("nan", "zero", "gt_only")
@@ -500,7 +500,7 @@ def format_table(results: Mapping[str, Any], class_names: Sequence[str] | None =
         A per-class table (IoU, Acc, Dice, Precision, Recall, Fscore), a blank line, and a
         one-row table of aAcc, mAcc, mIoU, fwIoU, mDice, mFscore. NaN prints as ``nan``.
     """
-    names = _names(results, class_names)
+    names = [show_path(n) for n in _names(results, class_names)]  # escape control characters
     rows = [[name, *(_pct(results[k][i]) for k in PER_CLASS_KEYS)] for i, name in enumerate(names)]
     per_class = _markdown(["Class", *PER_CLASS_KEYS], rows)
     summary = _markdown(
@@ -541,7 +541,9 @@ def save_results(
         results: the dict of :meth:`SegmentationMetrics.compute`.
         class_names: one name per class, or ``None`` to number them.
         out_dir: directory to write into.
-        confusion: the ``(C, C)`` matrix to store, usually ``metrics.confusion``.
+        confusion: the ``(C, C)`` matrix to store, usually ``metrics.confusion``; with more
+            than :data:`MAX_JSON_CLASSES` classes it is written to ``confusion.npy`` and the
+            JSON names that file.
 
     Returns:
         ``{"json": path, "csv": path}``.
@@ -553,7 +555,7 @@ def save_results(
     out = Path(out_dir)
     payload = dict(_nan_to_none(dict(results)))
     payload["class_names"] = names
-    payload["confusion"] = None if confusion is None else np.asarray(confusion).tolist()
+    payload["confusion"] = _confusion_entry(confusion, out)
     json_path = out / "metrics.json"
     with atomic_write(json_path, "metrics file") as fh:
         fh.write((json.dumps(payload, indent=2, allow_nan=False) + "\n").encode())
@@ -568,6 +570,22 @@ def save_results(
     with atomic_write(csv_path, "metrics file") as fh:
         fh.write(rows.getvalue().encode("utf-8", "backslashreplace"))
     return {"json": json_path, "csv": csv_path}
+
+
+MAX_JSON_CLASSES = 256
+"""Above this many classes the confusion matrix goes to ``confusion.npy``, not into the JSON
+(10,000 classes would make a gigabyte of text)."""
+
+
+def _confusion_entry(confusion: np.ndarray | None, out: Path) -> Any:
+    if confusion is None:
+        return None
+    cm = np.asarray(confusion)
+    if len(cm) <= MAX_JSON_CLASSES:
+        return cm.tolist()
+    with atomic_write(out / "confusion.npy", "confusion matrix") as fh:
+        np.save(fh, cm)
+    return "confusion.npy"
 
 
 def _csv_safe(text: str) -> str:

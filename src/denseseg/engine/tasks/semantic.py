@@ -6,15 +6,18 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import default_collate
 
 from denseseg.config import Config
 from denseseg.data.folder import median_frequency_weights
+from denseseg.engine import distributed as dist
 from denseseg.engine.evaluate import evaluate
 from denseseg.engine.sampler import SeededTransformDataset
 from denseseg.engine.tasks.base import EvalReport, Task
 from denseseg.engine.training_data import TrainingData
 from denseseg.errors import ConfigError
 from denseseg.losses import build_loss
+from denseseg.losses.cross_entropy import CrossEntropyLoss
 from denseseg.losses.weight_map import PixelWeightedCrossEntropy, WithWeightMap, parse_weight_map
 
 
@@ -22,6 +25,21 @@ class SemanticTask(Task):
     """Models that give ``{"out": logits (N, K, H, W)[, "aux": ...]}``; ``best.pt`` by mIoU."""
 
     best_metric = "mIoU"
+
+    @staticmethod
+    def collate(batch: list) -> Any:
+        """torch's default stacking, with a one-line error when the samples differ in size."""
+        try:
+            return default_collate(batch)
+        except RuntimeError as exc:
+            if "equal size" not in str(exc):
+                raise
+            sizes = sorted({tuple(item[0].shape[-2:]) for item in batch})
+            raise ConfigError(
+                f"training samples of one batch differ in size ({', '.join(map(str, sizes))}): "
+                "with data.crop_size null every image must keep one size; set data.crop_size, "
+                "or data.scale_range=null and equal-sized images, or data.batch_size=1"
+            ) from None
 
     def __init__(self) -> None:
         self.criterion: nn.Module | None = None
@@ -53,21 +71,38 @@ class SemanticTask(Task):
         if logits.shape[-2:] != targets.shape[-2:]:
             targets = center_crop(targets, logits.shape[-2:])
             extra = tuple(center_crop(w, logits.shape[-2:]) for w in extra)
+        if dist.world_size() > 1 and isinstance(self.criterion, CrossEntropyLoss):
+            return self._global_mean(self.criterion, logits, out.get("aux"), targets)
         loss = self.criterion(logits.float(), targets, *extra)
         if "aux" in out and self.aux_weight:
             # torchvision's reference training: loss + 0.5 * the auxiliary head's loss.
             loss = loss + self.aux_weight * self.criterion(out["aux"].float(), targets, *extra)
         return loss
 
+    def _global_mean(
+        self, criterion: CrossEntropyLoss, logits: Tensor, aux: Tensor | None, targets: Tensor
+    ) -> Tensor:
+        """The cross-entropy of this process's share of the global batch, divided by the
+        (weighted, non-ignored) pixels of the whole global batch, all-reduced: DDP's gradient
+        average (a division by the world size, undone here) then gives the gradient of the
+        global batch's mean, as one process with the whole batch computes it."""
+        total, weight = criterion.sum_and_weight(logits.float(), targets)
+        if aux is not None and self.aux_weight:
+            total = total + self.aux_weight * criterion.sum_and_weight(aux.float(), targets)[0]
+        weight = dist.all_reduce_sum(weight.detach().clone())
+        return total * (dist.world_size() / weight.clamp_min(1e-12))
+
     def evaluate(self, predictor: Any, dataset: Any, cfg: Config) -> dict[str, Any]:
         dc = cfg.data
         metrics = evaluate(
             predictor,
-            dataset,
+            dist.shard(dataset),
             batch_size=dc.eval_batch_size,
             num_workers=dc.num_workers,
-            progress=cfg.train.progress,
+            progress=cfg.train.progress and dist.is_main(),
         )
+        # The confusion matrices are summable: every rank gets the whole split's.
+        metrics._counts[...] = dist.sum_array(metrics._counts)
         return metrics.compute()
 
     def report(self, metrics: dict[str, Any], step: int) -> EvalReport:
