@@ -1484,3 +1484,19 @@ def test_confusion_of_thousands_of_classes_goes_to_npy(tmp_path: Path) -> None:
     save_results(results, None, tmp_path, confusion=np.eye(n, dtype=np.int64))
     assert json.loads((tmp_path / "metrics.json").read_text())["confusion"] == "confusion.npy"
     assert np.array_equal(np.load(tmp_path / "confusion.npy"), np.eye(n))
+
+
+@pytest.mark.parametrize("suffix", [".json", ".safetensors"])
+def test_a_packed_models_file_given_as_model(workspace: Path, capsys, suffix: str) -> None:
+    (workspace / f"tiny{suffix}").write_text("{}")
+    msg = run_cli(["predict", "in", "--model", f"tiny{suffix}", "--out", "o"], capsys)
+    assert f"tiny{suffix}" in msg and "packed model" in msg
+
+
+def test_a_closed_pipe_ends_quietly(monkeypatch) -> None:
+    class ClosedPipe(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["models"]) == 0  # `denseseg models | head -1`

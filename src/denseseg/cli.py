@@ -541,6 +541,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except DensesegError as exc:
         return _fail(_one_line(exc), getattr(exc, "exit_code", 2))
+    except BrokenPipeError:  # `denseseg models | head -1`: the reader had enough
+        sys.stdout = open(os.devnull, "w")  # nothing more may reach the closed pipe
+        return 0
     except OSError as exc:  # a read-only or full folder, an --out under a regular file, ...
         return _fail(_os_error_line(exc))
     except KeyboardInterrupt:

@@ -103,6 +103,11 @@ def model_from_checkpoint(path: str | Path, hint: str) -> tuple[dict[str, Any], 
         CheckpointError: the file is unreadable or damaged, lacks an entry of
             :data:`CHECKPOINT_KEYS`, or its weights do not fit its model.
     """
+    if Path(path).suffix.lower() in (".json", ".safetensors"):
+        raise CheckpointError(
+            f"{path} is one of a packed model's two files, not a checkpoint; give the model's "
+            "name (its folder in DENSESEG_PRETRAINED_DIR) or a .pt checkpoint"
+        )
     ckpt = load_checkpoint(path)
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
     if missing:
