@@ -59,7 +59,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Delete the temporary files an :func:`atomic_save` killed mid-write left in ``folder``
-    (``.NAME.XXXX.tmp``). Call it only while holding the folder's run lock."""
+    (``.NAME.RANDOM.tmp``). Call it only while holding the folder's run lock."""
     stale = [p for p in Path(folder).glob(f".*.pt.*{TMP_SUFFIX}") if p.is_file()]
     for p in stale:
         p.unlink(missing_ok=True)
