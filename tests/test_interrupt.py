@@ -309,3 +309,14 @@ def test_an_error_with_loader_workers_exits(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("denseseg: error: ")
     assert "train_002.png" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_start_up_summary(data: Path, tmp_path: Path, caplog, monkeypatch) -> None:
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("denseseg"), "propagate", True)
+    with caplog.at_level(logging.INFO, logger="denseseg"):
+        trainer.train(load_config("unet_demo", tiny_recipe(data, tmp_path / "r")))
+    line = next(r.getMessage() for r in caplog.records if "parameters" in r.getMessage())
+    assert line.startswith("unet (semantic, ") and "6 training / 3 validation samples" in line
+    assert "batch 2 x 1 process(es) = 2, 3 steps per epoch; cpu, float32; 8 steps" in line

@@ -65,6 +65,7 @@ class LogHook(HookBase):
         if not self.active:
             return
         self.start = time.time()
+        log.info("%s", summary(trainer))
         self.csv = CsvLog(trainer.out / "log.csv", trainer.step if trainer.resumed else None)
         self.writer = _open_tensorboard(trainer.out, tc.tensorboard)
         self.bar = tqdm(
@@ -151,6 +152,24 @@ class CheckpointHook(HookBase):
     def after_train(self, trainer: Trainer) -> None:
         if trainer.stopped and trainer.saved_step != trainer.step:
             trainer.save("last")
+
+
+def summary(trainer: Trainer) -> str:
+    """One line on what is about to run: model and size, data, batches, device, precision."""
+    model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
+    params = sum(p.numel() for p in model.parameters())
+    n_train, world, batch = len(trainer.data.dataset), trainer.world, trainer.batch_size
+    n_val = len(trainer.val) if trainer.val is not None else 0
+    steps = n_train // (batch * world) or 1
+    precision = "float16 autocast" if trainer.amp else "float32"
+    start = f"from step {trainer.step}" if trainer.resumed else "from scratch"
+    kind = getattr(model, "task", "semantic")
+    return (
+        f"{trainer.cfg.model.name} ({kind}, {params:,} parameters); {n_train} training / "
+        f"{n_val} validation samples; batch {batch} x {world} "
+        f"process(es) = {batch * world}, {steps} steps per epoch; {trainer.device}, {precision}; "
+        f"{trainer.cfg.train.max_steps} steps {start}"
+    )
 
 
 def default_hooks(trainer: Trainer) -> list[HookBase]:
