@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from denseseg.engine.outputs import check_out_folder
 from denseseg.errors import ConfigError
 
 try:  # POSIX; on Windows the run is not locked (msvcrt's locks are advisory per byte range)
@@ -33,14 +34,9 @@ def make_run_folder(out_dir: str | os.PathLike, key: str = "train.out_dir") -> P
     if not str(out_dir).strip():
         raise ConfigError(f"{key} is empty; name the folder for checkpoints and logs")
     out = Path(out_dir)
+    check_out_folder(out, f"{key}={out}")  # a file where the folder (or a parent) should be
     try:
         out.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ConfigError(
-            f"{key}={out}: a file of that name is in the way; choose a folder"
-        ) from None
-    except NotADirectoryError:
-        raise ConfigError(f"{key}={out}: a parent of it is a file, not a folder") from None
     except OSError as exc:
         raise ConfigError(f"{key}={out} cannot be created ({exc.strerror or exc})") from None
     return out
