@@ -34,6 +34,7 @@ from denseseg.config import load_config
 from denseseg.data.registry import get_dataset
 from denseseg.data.transforms import build_transforms, default_mean_std
 from denseseg.engine.optim import backward_and_step, build_optimizer
+from denseseg.engine.precision import resolve_precision
 from denseseg.engine.sampler import EpochSampler, SeededTransformDataset
 from denseseg.engine.tasks import SemanticTask
 from denseseg.inference.segmenter import resolve_device
@@ -93,14 +94,14 @@ def train_step_rate(cfg, num_classes: int, batch, device: torch.device, steps: i
         nesterov=oc.nesterov, betas=tuple(oc.betas),
     )  # fmt: skip
     criterion = build_loss("ce", num_classes=num_classes, ignore_index=255).to(device)
-    amp = cfg.train.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    precision = resolve_precision(cfg.train.precision, device, cfg.train.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.scaled)
     images, targets = batch
     task = SemanticTask()
     task.criterion = criterion
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        with precision.autocast():
             loss = task.loss(model, (images, targets), device)
         backward_and_step(loss, model, optimizer, scaler, None)
         if device.type == "cuda":

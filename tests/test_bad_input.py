@@ -183,6 +183,15 @@ BAD_VALUES = [
     ("train.seed", "-1"),
     ("train.seed", "4294967296"),
     ("train.amp", "1"),
+    ("train.precision", "fp8"),
+    ("train.precision", "true"),
+    ("train.channels_last", "yes please"),
+    ("train.compile", "2"),
+    ("train.accumulate", "0"),
+    ("train.accumulate", "1.5"),
+    ("train.ema", "1"),
+    ("train.ema", "0"),
+    ("train.ema", "fast"),
     ("train.device", "gpu"),
     ("train.device", "cuda:x"),
     ("train.out_dir", "''"),
@@ -251,9 +260,18 @@ def test_unknown_yaml_option(tmp_path: Path, capsys) -> None:
     assert "r.yaml" in msg and "train.max_step" in msg
 
 
-@pytest.mark.parametrize("override", ["model.name=unett", "optim.name=lion", "loss.name=focal2"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "model.name=unett",
+        "optim.name=lion",
+        "loss.name=focal2",
+        "train.precision=fp16",  # needs CUDA; this machine trains on its CPU
+        "train.accumulate=64",  # more batches per step than the split holds
+    ],
+)
 def test_bad_option_values(tiny_dataset: Path, tmp_path: Path, capsys, override: str) -> None:
-    msg = run_cli(train_args(tiny_dataset, tmp_path / "run", override), capsys)
+    msg = run_cli(train_args(tiny_dataset, tmp_path / "run", "train.device=cpu", override), capsys)
     assert override.split("=")[1] in msg
 
 

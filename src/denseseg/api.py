@@ -12,7 +12,7 @@ from denseseg.pretrained import builtin_files, load_builtin, unknown_model_messa
 
 
 def load_model(
-    path: str | Path, device: str | torch.device = "auto", **segmenter_kwargs
+    path: str | Path, device: str | torch.device = "auto", ema: bool = False, **segmenter_kwargs
 ) -> Predictor:
     """A :class:`Segmenter` for a denseseg checkpoint or a built-in model.
 
@@ -29,6 +29,7 @@ def load_model(
         path: a checkpoint written by ``denseseg train`` (``last.pt``, ``best.pt``) or a
             built-in model name.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        ema: use the moving average of the weights a checkpoint keeps (``train.ema``).
         **segmenter_kwargs: passed on to :class:`Segmenter` (e.g. ``threshold``, ``mode``).
 
     Returns:
@@ -41,11 +42,14 @@ def load_model(
         ConfigError: semantic inference options given for an instance model.
     """
     if not _is_checkpoint_file(path):
+        if ema:
+            raise CheckpointError(f"{path} is a packed model: it has one set of weights, no EMA")
         return load_builtin(str(path), device=device, **segmenter_kwargs)
     ckpt, model = model_from_checkpoint(
         path,
         "it is a bare state_dict, not a denseseg checkpoint; give it as model.weights in a "
         "recipe instead",
+        ema=ema,
     )
     return build_predictor(model, {**ckpt, "checkpoint": str(path)}, device, **segmenter_kwargs)
 

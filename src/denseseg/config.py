@@ -34,6 +34,8 @@ class ModelCfg:
     kwargs: dict[str, Any] = field(default_factory=dict)
     # Local weights file to start from (a denseseg checkpoint or a state_dict).
     weights: str | None = None
+    # Batch norm over the global batch (SyncBatchNorm) when training on several CUDA processes.
+    sync_bn: bool = False
 
 
 @dataclass
@@ -151,7 +153,14 @@ class TrainCfg:
     keep_last: int = 2
     seed: int = 0
     deterministic: bool = False
-    amp: bool = True
+    # Mixed precision (denseseg.engine.precision): auto is bfloat16 autocast on GPUs that have
+    # it, float16 with a gradient scaler on older CUDA GPUs, float32 on a CPU.
+    precision: str = "auto"
+    amp: bool = True  # the old spelling: false means precision fp32
+    channels_last: bool = False
+    compile: bool = False  # torch.compile of the model for the training steps
+    accumulate: int = 1  # batches whose gradients are summed into one optimiser step
+    ema: float | None = None  # decay of an exponential moving average of the weights
     device: str = "auto"
     out_dir: str = "runs/exp"
     tensorboard: bool = True
@@ -309,6 +318,7 @@ _RULES: dict[str, _Rule] = {
     "model.name": _TEXT,
     "model.kwargs": _MAPPING,
     "model.weights": _optional(_TEXT, "null or a weights file path"),
+    "model.sync_bn": _BOOL,
     "data.dataset": _TEXT,
     "data.root": _optional(_TEXT, "null or a folder path"),
     "data.train_split": _TEXT,
@@ -372,6 +382,13 @@ _RULES: dict[str, _Rule] = {
     "train.seed": _int(0, 2**32),
     "train.deterministic": _BOOL,
     "train.amp": _BOOL,
+    "train.precision": _typed(
+        "one of auto, fp32, bf16, fp16", str, ok=lambda s: s in ("auto", "fp32", "bf16", "fp16")
+    ),
+    "train.channels_last": _BOOL,
+    "train.compile": _BOOL,
+    "train.accumulate": _int(1),
+    "train.ema": _optional(_real("in (0, 1)", lambda x: 0 < x < 1), "null or a decay in (0, 1)"),
     "train.device": _typed(
         "one of auto, cpu, cuda, cuda:N, mps", str, ok=lambda s: bool(_DEVICES.fullmatch(s))
     ),

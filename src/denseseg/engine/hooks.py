@@ -30,6 +30,7 @@ __all__ = ["CheckpointHook", "EvalHook", "HookBase", "LogHook", "PreciseBNHook",
 
 CSV_FIELDS = ["step", "epoch", "lr", "loss", "val_mIoU", "val_mAcc", "val_aAcc", "elapsed_s"]
 CSV_FIELDS += ["val_bbox_AP", "val_segm_AP"]  # instance models
+CSV_FIELDS += ["val_ema_mIoU", "val_ema_segm_AP"]  # the EMA of the weights (train.ema)
 
 
 class HookBase:
@@ -95,8 +96,15 @@ class LogHook(HookBase):
             return
         report = trainer.task.report(metrics, trainer.step)
         log.info("%s", report.line)
-        self.csv.write(step=trainer.step, epoch=trainer.epoch, **report.csv)
-        self._scalars(report.scalars, trainer.step)
+        row, scalars = dict(report.csv), dict(report.scalars)
+        if "ema" in metrics:
+            best = trainer.task.best_metric
+            ema = trainer.task.report(metrics["ema"], trainer.step)
+            log.info("%s", ema.line.replace(" val ", " val (EMA of the weights) ", 1))
+            row[f"val_ema_{best}"] = f"{metrics['ema'][best]:.6f}"
+            scalars.update({k.replace("val/", "val_ema/"): v for k, v in ema.scalars.items()})
+        self.csv.write(step=trainer.step, epoch=trainer.epoch, **row)
+        self._scalars(scalars, trainer.step)
 
     def after_train(self, trainer: Trainer) -> None:
         if hasattr(self, "bar"):
@@ -119,6 +127,11 @@ class PreciseBNHook(HookBase):
         seed = tc.seed * 1_000_003 + trainer.step
         batches = calibration_batches(trainer.data.dataset, tc.precise_bn, trainer.batch_size, seed)
         recompute_bn_stats(trainer.model, batches, trainer.device)
+        if trainer.ema is not None:
+            batches = calibration_batches(
+                trainer.data.dataset, tc.precise_bn, trainer.batch_size, seed
+            )
+            recompute_bn_stats(trainer.ema.module, batches, trainer.device)
 
 
 class EvalHook(HookBase):
@@ -160,15 +173,18 @@ def summary(trainer: Trainer) -> str:
     params = sum(p.numel() for p in model.parameters())
     n_train, world, batch = len(trainer.data.dataset), trainer.world, trainer.batch_size
     n_val = len(trainer.val) if trainer.val is not None else 0
-    steps = n_train // (batch * world) or 1
-    precision = "float16 autocast" if trainer.amp else "float32"
+    tc, acc = trainer.cfg.train, trainer.accumulate
+    steps = n_train // (batch * world * acc) or 1
     start = f"from step {trainer.step}" if trainer.resumed else "from scratch"
     kind = getattr(model, "task", "semantic")
+    accumulate = f" x {acc} accumulated" if acc > 1 else ""
+    extras = [f"EMA {tc.ema}"] if tc.ema else []
+    extras += [name for name in ("channels_last", "compile") if getattr(tc, name)]
     return (
         f"{trainer.cfg.model.name} ({kind}, {params:,} parameters); {n_train} training / "
-        f"{n_val} validation samples; batch {batch} x {world} "
-        f"process(es) = {batch * world}, {steps} steps per epoch; {trainer.device}, {precision}; "
-        f"{trainer.cfg.train.max_steps} steps {start}"
+        f"{n_val} validation samples; batch {batch} x {world} process(es){accumulate} = "
+        f"{batch * world * acc}, {steps} steps per epoch; {trainer.device}, "
+        f"{', '.join([str(trainer.precision), *extras])}; {tc.max_steps} steps {start}"
     )
 
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from denseseg.errors import ConfigError
+from denseseg.errors import ConfigError, DensesegError
 
 
 def param_groups(
@@ -133,19 +133,31 @@ def backward_and_step(
 ) -> float:
     """Backward through ``loss`` (scaled for mixed precision), optional gradient clipping, one
     optimiser step; returns the loss value and stops on NaN (``last.pt`` is kept)."""
-    from denseseg.errors import DensesegError
-
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    optimizer_step(model, optimizer, scaler, grad_clip)
+    return finite(float(loss.detach()))
+
+
+def optimizer_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    grad_clip: float | None,
+) -> None:
+    """Optional gradient clipping (of the unscaled gradients), the step, the scaler's update."""
     if grad_clip:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    value = float(loss.detach())
-    if value != value:
+
+
+def finite(loss: float) -> float:
+    """``loss``, or one clear error if it is NaN."""
+    if loss != loss:
         raise DensesegError(
             "the loss became NaN; lower optim.lr, lengthen schedule.warmup_steps or set "
             "optim.grad_clip (last.pt is kept)"
         )
-    return value
+    return loss

@@ -32,7 +32,9 @@ class EpochSampler(Sampler):
     slice, so the processes together see at each step what one process with batch
     ``world * batch_size`` sees, and each sample's seed depends on its position in the epoch,
     not on the rank. Only whole global batches are yielded then (every rank takes as many
-    steps); ``start`` counts global positions.
+    steps); ``start`` counts global positions. With ``accumulate`` batches per optimiser step,
+    only whole steps' batches are yielded (an epoch's last, incomplete step is left out, as a
+    loader's ``drop_last`` leaves out an incomplete batch).
     """
 
     def __init__(
@@ -45,17 +47,20 @@ class EpochSampler(Sampler):
         rank: int = 0,
         world: int = 1,
         batch_size: int = 1,
+        accumulate: int = 1,
     ) -> None:
         self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
         self.rank, self.world, self.batch_size = rank, world, batch_size
+        self.accumulate = accumulate
 
     def positions(self) -> list[int]:
         """This rank's positions in the epoch's order, in the order it takes them."""
-        if self.world == 1:
+        if self.world == 1 and self.accumulate == 1:
             return list(range(self.start, self.n))
         step = self.world * self.batch_size
         first = self.start + self.rank * self.batch_size
         steps = max(0, (self.n - self.start) // step)
+        steps -= steps % self.accumulate
         return [first + k * step + j for k in range(steps) for j in range(self.batch_size)]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:

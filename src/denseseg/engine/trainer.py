@@ -10,6 +10,12 @@ so ``resume=True`` continues exactly where a run stopped. Ctrl-C or SIGTERM stop
 current step and saves a consistent ``last.pt`` (:mod:`denseseg.engine.stop`); the run folder
 is locked against a second training (:mod:`denseseg.engine.run_folder`).
 
+A step may run under autocast (``train.precision``, :mod:`denseseg.engine.precision`), on
+channels-last weights and inputs (``train.channels_last``), through ``torch.compile``
+(``train.compile``), sum the gradients of ``train.accumulate`` batches, and fold the new weights
+into a moving average (``train.ema``, :mod:`denseseg.engine.ema`) that is evaluated and saved
+beside them.
+
 Under ``torchrun`` (:mod:`denseseg.engine.distributed`) every process runs this loop on its
 share of each global batch, through DistributedDataParallel; rank 0 alone locks the run folder,
 logs, prints and saves, and the stop flag of a signal is agreed after each step.
@@ -41,8 +47,10 @@ from denseseg.checkpoint.serialization import (
 )
 from denseseg.config import Config, save_config
 from denseseg.engine import distributed as dist
+from denseseg.engine.ema import WeightEMA
 from denseseg.engine.hooks import HookBase, default_hooks
-from denseseg.engine.optim import backward_and_step, build_optimizer, lr_factor
+from denseseg.engine.optim import build_optimizer, finite, lr_factor, optimizer_step
+from denseseg.engine.precision import resolve_precision
 from denseseg.engine.run_folder import RunLock, make_run_folder
 from denseseg.engine.stop import StopOnSignal
 from denseseg.engine.tasks import task_for
@@ -143,15 +151,20 @@ class Trainer:
         self.task = task_for(self.model)
         self.task.check(cfg, raw)
         self.data = training_pipeline(dc, raw, normalise=not self.task.normalises_inside)
-        self.batch_size = _per_process_batch(dc.batch_size, len(self.data.dataset), self.world)
+        self.accumulate = cfg.train.accumulate
+        n_train = len(self.data.dataset)
+        self.batch_size = _per_process_batch(dc.batch_size, n_train, self.world, self.accumulate)
         self.task.prepare(cfg, self.data, self.model_kwargs, self.device)
         self._build_optimisation()
         self.meta = self._meta()
         best = f"best_{self.task.best_metric}"
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "pos": 0, best: -1.0, "metrics": None}
+        self.ema = WeightEMA(self.model, cfg.train.ema) if cfg.train.ema else None
         if ckpt_path is not None:
             parts = {n: getattr(self, n) for n in ("model", "optimizer", "scheduler", "scaler")}
-            sharding = (self.batch_size, self.world)
+            if self.ema is not None:
+                parts["ema"] = self.ema
+            sharding = (self.batch_size * self.accumulate, self.world)
             _restore(
                 ckpt_path,
                 self.device,
@@ -163,6 +176,9 @@ class Trainer:
             )
             log.info("resumed from %s at step %d", ckpt_path, self.state["step"])
         self.predictor = build_predictor(self.model, self.meta, self.device)
+        self.ema_predictor = (
+            build_predictor(self.ema.module, self.meta, self.device) if self.ema else None
+        )
         self.train_model = self._parallel_model()
         self.agreed_signum = 0  # the stop signal all ranks agreed on after the last step
         self.saved_step = self.step if ckpt_path == out / "last.pt" else None
@@ -205,10 +221,10 @@ class Trainer:
         self.model.train()
         while self.step < max_steps and not self._stop_signum():
             try:
-                for batch in self._batches():
-                    if self._stop_signum():  # came while the batch was being read: no step begun
+                for batches in self._groups():
+                    if self._stop_signum():  # came while a batch was being read: no step begun
                         break
-                    self.run_step(batch)
+                    self.run_step(*batches)
                     self._call("after_step")
                     if self.step >= max_steps or self._stop_signum():
                         break
@@ -233,17 +249,34 @@ class Trainer:
         signum = torch.tensor([self.stop.signum or 0], device=self.device)
         self.agreed_signum = int(dist.all_reduce_max(signum))
 
-    def run_step(self, batch: Any) -> None:
-        """One optimiser step on ``batch``: the task's loss (under autocast), backward,
-        clipping, the update, the schedule; stops on a NaN loss."""
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            loss = self.task.loss(self.train_model, batch, self.device)
-        grad_clip = self.cfg.optim.grad_clip
-        self.loss = backward_and_step(loss, self.model, self.optimizer, self.scaler, grad_clip)
+    def run_step(self, *batches: Any) -> None:
+        """One optimiser step over ``batches`` (one, or ``train.accumulate`` of them, whose
+        gradients add up): the task's loss under autocast, backward, clipping, the update, the
+        schedule, the EMA; stops on a NaN loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for i, batch in enumerate(batches):
+            # Several processes: gradients are all-reduced with the last batch's backward only.
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext() if last or self.world == 1 else self._no_sync()
+            with sync:
+                with self.precision.autocast():
+                    loss = self.task.loss(self.train_model, batch, self.device)
+                if len(batches) > 1:
+                    loss = loss / len(batches)
+                self.scaler.scale(loss).backward()
+            total += float(loss.detach())
+        optimizer_step(self.model, self.optimizer, self.scaler, self.cfg.optim.grad_clip)
+        self.loss = finite(total)
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
         self.state["step"] += 1
-        self.state["pos"] += self.batch_size * self.world  # global samples
+        self.state["pos"] += self.batch_size * self.world * len(batches)  # global samples
         self._agree()
+
+    def _no_sync(self) -> contextlib.AbstractContextManager:
+        return self.train_model.no_sync()  # type: ignore[operator]
 
     def evaluate(self) -> dict[str, Any] | None:
         """Evaluate on the validation split (between ``before_eval`` and ``after_eval``)."""
@@ -251,6 +284,8 @@ class Trainer:
             return None
         self._call("before_eval")
         metrics = self.task.evaluate(self.predictor, self.val, self.cfg)
+        if self.ema_predictor is not None:
+            metrics["ema"] = self.task.evaluate(self.ema_predictor, self.val, self.cfg)
         self.model.train()
         self.state["metrics"] = metrics
         self._call("after_eval", metrics)
@@ -278,10 +313,11 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
             "rng": rng_state(),
             "config": self.cfg.to_dict(),
             "world_size": self.world,
-            "global_batch": self.batch_size * self.world,
+            "global_batch": self.batch_size * self.world * self.accumulate,
         }
 
     @property
@@ -316,7 +352,17 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
             rank=self.rank,
             world=self.world,
+            accumulate=self.accumulate,
         )
+
+    def _groups(self) -> Iterator[list[Any]]:
+        """The loader's batches in groups of ``train.accumulate``, one group per step."""
+        group: list[Any] = []
+        for batch in self._batches():
+            group.append(batch)
+            if len(group) == self.accumulate:
+                yield group
+                group = []
 
     def _call(self, event: str, *args: Any) -> None:
         for hook in self.hooks:
@@ -330,13 +376,20 @@ class Trainer:
         if cfg.optim.freeze_backbone:
             _freeze_backbone(self.model)
         self.model.to(self.device)
+        if cfg.train.channels_last:
+            _use_channels_last(self.model)
 
     def _parallel_model(self) -> nn.Module:
         """The model the steps run: ``self.model`` itself, or DistributedDataParallel around it
         with several processes (``self.model`` stays the unwrapped one, for checkpoints and
         the predictor)."""
-        if self.world == 1:
-            return self.model
+        model = self.model if self.world == 1 else self._ddp()
+        if self.cfg.train.compile:
+            log.info("compiling the model with torch.compile (the first steps take longer)")
+            model = torch.compile(model)
+        return model
+
+    def _ddp(self) -> nn.Module:
         log.info(
             "training on %d processes: data.batch_size=%d per process, global batch %d",
             self.world,
@@ -376,8 +429,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, tc.max_steps, **schedule)
         )
-        self.amp = tc.amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        self.precision = resolve_precision(tc.precision, self.device, tc.amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.scaled)
 
     def _meta(self) -> dict[str, Any]:
         raw, data = self.data.raw, self.data
@@ -428,6 +481,19 @@ def build_model_for(cfg: Config, num_classes: int, in_channels: int) -> tuple[nn
     return model, saved
 
 
+def _use_channels_last(model: nn.Module) -> None:
+    """Keep the weights and the 4-D inputs in channels-last (NHWC) memory order, which
+    oneDNN and cuDNN convolutions run faster, most of all under bfloat16/float16."""
+    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+    def nhwc(module: nn.Module, args: tuple) -> tuple:
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
+            return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+        return args
+
+    model.register_forward_pre_hook(nhwc)
+
+
 def _freeze_backbone(model: nn.Module) -> None:
     backbone = getattr(model, "backbone", None) or getattr(model, "encoder", None)
     if backbone is None:
@@ -438,14 +504,17 @@ def _freeze_backbone(model: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-def _per_process_batch(batch_size: int, n: int, world: int) -> int:
-    """``data.batch_size``, at most the split's size (shared by the processes)."""
-    if n < world:
-        raise ConfigError(
-            f"the training split has {n} images, fewer than the {world} processes; use fewer "
-            "processes"
-        )
-    return min(batch_size, n // world)
+def _per_process_batch(batch_size: int, n: int, world: int, accumulate: int = 1) -> int:
+    """``data.batch_size``, at most the split's size (shared by the processes and by the
+    ``accumulate`` batches of a step)."""
+    if n < world * accumulate:
+        if accumulate == 1:
+            what, fix = f"the {world} processes", "use fewer processes"
+        else:
+            what = f"{world} process(es) x train.accumulate={accumulate}"
+            fix = "lower train.accumulate"
+        raise ConfigError(f"the training split has {n} images, fewer than {what}; {fix}")
+    return min(batch_size, n // (world * accumulate))
 
 
 def _check_global_batch(path: Path, ckpt: dict, batch_size: int, world: int) -> None:
@@ -499,6 +568,9 @@ def _restore(
             f"{[saved.get(k) for k in keys]} there, {[model_kwargs.get(k) for k in keys]} now); "
             "resume with the recipe's model.kwargs unchanged"
         )
+    if "ema" in parts and "ema" not in ckpt:  # train.ema switched on for the rest of a run
+        log.warning("%s holds no EMA of the weights: it starts from the resumed weights", path)
+        parts = {k: v for k, v in parts.items() if k != "ema"}
     missing = [k for k in (*parts, "rng", *state) if k not in ckpt]
     if missing:
         raise CheckpointError(

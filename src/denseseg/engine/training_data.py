@@ -124,18 +124,22 @@ def train_loader(
     pin_memory: bool = False,
     rank: int = 0,
     world: int = 1,
+    accumulate: int = 1,
 ) -> DataLoader:
     """The rest of epoch ``epoch`` from sample ``pos`` on, in the seed's shuffled order, whole
     batches only. The samples and their augmentation depend on ``(seed, epoch, pos)`` alone,
     not on the number of workers nor on where a run was interrupted. With ``world`` processes
     (``batch_size`` each), ``pos`` counts global samples and ``rank`` takes its slice of each
-    global batch (:class:`~denseseg.engine.sampler.EpochSampler`)."""
+    global batch (:class:`~denseseg.engine.sampler.EpochSampler`); with ``accumulate`` batches
+    per optimiser step, only whole steps' batches."""
     # Its own generator: by default every new loader iterator draws its workers' base seed
     # from the global RNG, one draw more after a resume mid-epoch than the uninterrupted run
     # made there, which shifts dropout and Mask R-CNN's box sampling afterwards.
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     n = len(dataset)  # type: ignore[arg-type]
-    sampler = EpochSampler(n, seed, epoch, pos, rank=rank, world=world, batch_size=batch_size)
+    sampler = EpochSampler(
+        n, seed, epoch, pos, rank=rank, world=world, batch_size=batch_size, accumulate=accumulate
+    )
     workers = {"num_workers": num_workers, "worker_init_fn": ignore_stop_signals}
     batching = {"collate_fn": collate, "drop_last": True, "pin_memory": pin_memory}
     return DataLoader(

@@ -88,13 +88,17 @@ def model_from_state(
     return model
 
 
-def model_from_checkpoint(path: str | Path, hint: str) -> tuple[dict[str, Any], nn.Module]:
+def model_from_checkpoint(
+    path: str | Path, hint: str, ema: bool = False
+) -> tuple[dict[str, Any], nn.Module]:
     """Read a checkpoint of ``denseseg train`` and build its model with its weights.
 
     Args:
         path: the checkpoint file.
         hint: what to do when it is a bare state_dict (it lacks the model's name and options),
             appended to the error naming the missing entries.
+        ema: take the moving average of the weights the run kept (``train.ema``) instead of
+            the weights themselves.
 
     Returns:
         The checkpoint dict and the model (on the CPU, in training mode).
@@ -113,10 +117,20 @@ def model_from_checkpoint(path: str | Path, hint: str) -> tuple[dict[str, Any], 
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}: {hint}")
     try:
-        state = unwrap_state_dict(ckpt)
+        state = _ema_state(ckpt, path) if ema else unwrap_state_dict(ckpt)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     return ckpt, model_from_state(ckpt["model_name"], ckpt["model_kwargs"], state, path)
+
+
+def _ema_state(ckpt: Mapping[str, Any], path: str | Path) -> Mapping[str, Any]:
+    ema = ckpt.get("ema")
+    if not isinstance(ema, Mapping) or not isinstance(ema.get("model"), Mapping):
+        raise CheckpointError(
+            "it holds no moving average of the weights (train with train.ema: DECAY to keep "
+            "one); leave out --ema"
+        )
+    return ema["model"]
 
 
 def build_predictor(

@@ -178,6 +178,7 @@ def pack(
     precise_bn: int = 0,
     data_root: str | os.PathLike | None = None,
     force: bool = False,
+    ema: bool = False,
 ) -> dict[str, Path]:
     """Turn a training checkpoint into the built-in model ``name`` (two files).
 
@@ -202,6 +203,7 @@ def pack(
         data_root: the training data's folder for ``precise_bn``, when not the recipe's.
         force: replace an existing ``NAME.json``/``NAME.safetensors`` in the folder, and allow
             a name shipped in the package (``camvid``) in another folder, which then shadows it.
+        ema: pack the moving average of the weights the run kept (``train.ema``).
 
     Returns:
         ``{"json": Path, "weights": Path}``.
@@ -221,7 +223,9 @@ def pack(
     _refuse_replacing(out, name, force)
     # Build the model once: weights that do not fit are refused now, not when loading.
     ckpt, model = model_from_checkpoint(
-        checkpoint_path, "pack needs a checkpoint written by denseseg train, not a bare state_dict"
+        checkpoint_path,
+        "pack needs a checkpoint written by denseseg train, not a bare state_dict",
+        ema=ema,
     )
     state = model.state_dict()
     if precise_bn:
