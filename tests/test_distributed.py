@@ -2,9 +2,11 @@
 
 A 2-process run with per-process batch B computes the same steps as a 1-process run with batch
 2B: the sampler shards the epoch's one order, augmentation seeds follow the sample's position,
-and the cross-entropy is divided by the global count of weighted, non-ignored pixels. Tested on a
-tiny U-Net without batch norm (batch statistics differ between the two by design), with class
-weights and ignored pixels (padding after a random scale), so the global normalisation matters.
+and every loss is normalised by statistics summed over the processes (the weighted count of
+non-ignored pixels, Dice's per-class sums). Tested on a tiny U-Net without batch norm (batch
+statistics differ between the two by design), with cross-entropy + Dice, class weights and
+ignored pixels (padding after a random scale), so the global normalisation matters; each loss
+alone on two simulated ranks, in-process. A rank that fails stops the job with one line.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -21,16 +25,21 @@ import torch
 
 from conftest import tiny_recipe, write_folder_dataset
 from denseseg.checkpoint import load_checkpoint
+from denseseg.cli import main
 from denseseg.config import load_config
+from denseseg.engine import distributed
 from denseseg.engine.sampler import EpochSampler
+from denseseg.engine.tasks.semantic import SemanticTask
 from denseseg.engine.trainer import _check_global_batch, train
 from denseseg.errors import ConfigError
-from denseseg.losses.cross_entropy import CrossEntropyLoss
+from denseseg.losses import build_loss
+from denseseg.losses.weight_map import PixelWeightedCrossEntropy
 
 COMMON = [
     "model.kwargs={base_channels: 4, depth: 2, batch_norm: false}",
     "data.scale_range=[0.6, 1.0]",
     "data.crop_size=[32, 32]",
+    "loss.name=ce+dice",  # the Dice term's per-class sums are global too
     "loss.class_weights=[1.0, 2.0, 3.0]",
     "schedule.name=cosine",
     "train.deterministic=true",
@@ -86,16 +95,100 @@ def test_sharded_sampler_takes_the_one_process_batches(start: int) -> None:
     assert sum(steps, []) == one[:whole]
 
 
-def test_global_cross_entropy_is_the_whole_batch_mean() -> None:
-    """Summed losses over summed weights of the shards == the mean of the whole batch, with
-    class weights and ignored pixels (the shards' ignored counts differ)."""
+# Two simulated ranks, each half of a batch of 4: the loss normalised by the statistics summed
+# over both (sum_over_ranks), with DDP's gradient average, must be the whole batch's.
+LOSSES = {
+    "ce": (3, lambda: build_loss("ce", num_classes=3), 0.0),
+    "ce-class-weights-ignore": (3, lambda: build_loss("ce", num_classes=3, class_weights=W3), 0.0),
+    "ce-smoothing-aux": (
+        3,
+        lambda: build_loss("ce", num_classes=3, class_weights=W3, label_smoothing=0.1),
+        0.5,
+    ),
+    "bce": (1, lambda: build_loss("bce", num_classes=1, class_weights=[1.0, 3.0]), 0.0),
+    "dice": (3, lambda: build_loss("dice", num_classes=3), 0.0),
+    "dice-binary": (1, lambda: build_loss("dice", num_classes=1), 0.0),
+    "ce+dice-aux": (
+        3,
+        lambda: build_loss("ce+dice", num_classes=3, class_weights=W3, dice_weight=0.7),
+        0.4,
+    ),
+    "bce+dice": (1, lambda: build_loss("bce+dice", num_classes=1), 0.0),
+    "weight-map": (3, lambda: PixelWeightedCrossEntropy(ignore_index=255), 0.0),
+}
+W3 = [1.0, 2.0, 3.0]
+
+
+class _Logits(torch.nn.Module):
+    """A "model" whose outputs are fixed leaf tensors, indexed by the batch's "images"."""
+
+    def __init__(self, classes: int, aux: bool) -> None:
+        super().__init__()
+        self.out = torch.nn.Parameter(torch.randn(4, classes, 6, 6))
+        self.aux = torch.nn.Parameter(torch.randn(4, classes, 6, 6)) if aux else None
+
+    def forward(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {"out": self.out[index]}
+        return out if self.aux is None else {**out, "aux": self.aux[index]}
+
+
+def _loss_and_grads(task, model, batch, half) -> tuple[float, list[torch.Tensor]]:
+    model.zero_grad()
+    index, target, *extra = batch
+    loss = task.loss(model, (index[half], target[half], *(e[half] for e in extra)), "cpu")
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_global_loss_of_two_ranks_is_the_whole_batch_loss(name: str, monkeypatch) -> None:
+    """With class weights, ignored pixels (only in the first half) and a class absent from the
+    first half (Dice's per-class means): the ranks' mean loss and their averaged gradients
+    equal one process's on the whole batch."""
     torch.manual_seed(0)
-    logits, target = torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4, 6, 6))
-    target[0, :4] = 255
-    ce = CrossEntropyLoss(ignore_index=255, weight=torch.tensor([1.0, 2.0, 3.0]))
-    parts = [ce.sum_and_weight(logits[i : i + 2], target[i : i + 2]) for i in (0, 2)]
-    total = sum(p[0] for p in parts) / sum(p[1] for p in parts)
-    assert torch.allclose(total, ce(logits, target), atol=1e-6)
+    classes, make, aux_weight = LOSSES[name]
+    task = SemanticTask()
+    task.criterion, task.aux_weight = make(), aux_weight
+    model = _Logits(classes, aux=bool(aux_weight))
+    target = torch.randint(0, max(classes, 2), (4, 6, 6))
+    target[:2][target[:2] == 2] = 0
+    target[0, :3] = 255
+    batch = [torch.arange(4), target]
+    if name == "weight-map":
+        batch.append(torch.rand(4, 6, 6) * 5)
+    whole, whole_grads = _loss_and_grads(task, model, batch, slice(None))
+
+    halves = [slice(0, 2), slice(2, 4)]
+    shares: list[torch.Tensor] = []  # first, each rank's own statistics ...
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "all_reduce_sum", lambda t: shares.append(t.clone()) or t)
+    for half in halves:
+        _loss_and_grads(task, model, batch, half)
+    total = shares[0] + shares[1]  # ... then their sum, as the all-reduce gives it
+    monkeypatch.setattr(distributed, "all_reduce_sum", lambda t: t.copy_(total))
+    ranks = [_loss_and_grads(task, model, batch, half) for half in halves]
+
+    assert sum(r[0] for r in ranks) / 2 == pytest.approx(whole, rel=1e-5)  # the logged mean
+    ddp_average = [(a + b) / 2 for a, b in zip(ranks[0][1], ranks[1][1], strict=True)]
+    for got, want in zip(ddp_average, whole_grads, strict=True):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_loss_from_its_statistics_is_the_loss(name: str) -> None:
+    """``from_statistics(statistics(batch))`` is the batch's loss (the single-process
+    ``forward`` stays as it was); an all-ignored batch gives 0, not NaN."""
+    torch.manual_seed(1)
+    classes, make, _ = LOSSES[name]
+    loss = make()
+    logits, target = torch.randn(2, classes, 5, 5), torch.randint(0, max(classes, 2), (2, 5, 5))
+    extra = (torch.rand(2, 5, 5),) if name == "weight-map" else ()
+    stats = loss.statistics(logits, target, *extra)
+    assert len(stats) == loss.num_statistics
+    assert torch.allclose(loss.from_statistics(stats), loss(logits, target, *extra), atol=1e-6)
+    ignored = torch.full_like(target, 255)
+    assert loss.from_statistics(loss.statistics(logits, ignored, *extra)).item() == 0.0
 
 
 @pytest.mark.parametrize(
@@ -116,6 +209,87 @@ def test_resume_on_another_world_size_needs_the_same_global_batch(saved, now, re
         return
     with pytest.raises(ConfigError, match=r"run/last\.pt.*data\.batch_size=.*processes"):
         _check_global_batch(Path("run/last.pt"), ckpt, b1, w1)
+
+
+def test_sync_bn_is_a_recipe_key() -> None:
+    assert load_config("unet_demo", ["model.sync_bn=true"]).model.sync_bn is True
+    assert load_config("unet_demo").model.sync_bn is False
+    with pytest.raises(ConfigError, match="model.sync_bn"):
+        load_config("unet_demo", ["model.sync_bn=sometimes"])
+
+
+def test_sync_bn_is_refused_on_a_cpu() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    with pytest.raises(ConfigError, match=r"^model\.sync_bn: true needs CUDA") as err:
+        distributed.convert_sync_bn(model, torch.device("cpu"))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("world", [1, 2], ids=["one-process-unchanged", "two-processes-synced"])
+def test_sync_bn_on_cuda(world: int, monkeypatch) -> None:
+    """Converting needs neither a GPU nor a process group: only the device type is checked."""
+    monkeypatch.setattr(distributed, "world_size", lambda: world)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    converted = distributed.convert_sync_bn(model, torch.device("cuda"))
+    kinds = {type(m) for m in converted.modules()}
+    assert (torch.nn.SyncBatchNorm in kinds) == (world > 1)
+    assert converted.state_dict().keys() == model.state_dict().keys()
+
+
+def test_sync_bn_on_a_cpu_is_one_line_from_the_cli(data: Path, tmp_path, capsys) -> None:
+    """Needs the trainer to call ``convert_sync_bn`` (engine/trainer.py)."""
+    overrides = tiny_recipe(data, tmp_path / "run") + ["train.device=cpu", "model.sync_bn=true"]
+    argv = ["train", "unet_demo", *overrides]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("denseseg: error: ")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("denseseg: error: model.sync_bn: true needs CUDA"), err
+
+
+@pytest.mark.parametrize(
+    ("codes", "line", "status"),
+    [
+        ({0: 3, 1: 2}, "rank 1 failed (exit code 2); its message is above", 2),
+        ({0: -15, 1: 2}, "rank 1 failed (exit code 2); its message is above", 2),
+        ({0: 1, 1: -9}, "rank 1 was killed by SIGKILL", 137),
+        ({0: -15, 1: -9}, "rank 1 was killed by SIGKILL", 137),
+        ({0: 143, 1: 143}, None, 143),
+    ],
+    ids=[
+        "not-the-rank-it-stopped",
+        "not-the-rank-the-launcher-stopped",
+        "killed-by-a-signal",
+        "killed-not-the-rank-the-launcher-stopped",
+        "stopped-by-sigterm",
+    ],
+)
+def test_the_launcher_names_the_failed_rank_in_one_line(codes, line, status, capsys) -> None:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    failures = {r: ProcessFailure(r, 100 + r, c, "/nonexistent") for r, c in codes.items()}
+    assert distributed._failed(ChildFailedError("denseseg", failures)) == status
+    err = capsys.readouterr().err
+    assert err == (f"denseseg: error: {line}\n" if line else "")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "unet_demo", "--nproc", "4"],
+        ["eval", "--model", "camvid", "--root", "data", "--out", "{tmp}/ev", "--nproc", "3"],
+        ["predict", "image.png", "--out", "{tmp}/pr", "--nproc", "4"],
+    ],
+    ids=["train", "eval", "predict"],
+)
+def test_nproc_unlike_torchruns_own_is_refused(argv, tmp_path, monkeypatch, capsys) -> None:
+    """A worker torchrun started (2 on this machine) given another ``--nproc``: one line."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("denseseg: error: --nproc ") and err.count("\n") == 1, err
+    assert "under torchrun, which started 2 processes" in err
 
 
 # ---------------------------------------------------------------- torchrun, 2 processes
@@ -245,3 +419,35 @@ def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(
     step, weights = _weights(out)
     assert step == 8
     assert _close(weights, _weights(reference)[1])
+
+
+def test_a_rank_that_fails_stops_the_job_with_one_line(tmp_path) -> None:
+    """Rank 1 alone reads a broken image in its first batch: it prints its one error line, the
+    job stops within seconds (rank 0 is quiet though its collective broke), and the launcher
+    adds one line naming the rank, with the rank's exit status; no traceback, no torchrun
+    report."""
+    root = write_folder_dataset(tmp_path / "data", n_train=8)
+    first = [i for i, _ in EpochSampler(8, 0, rank=1, world=2, batch_size=2)][:2]
+    for i in first:
+        (root / "images" / f"train_{i:03d}.png").write_bytes(b"not a png")
+    cmd = [sys.executable, "-m", "denseseg", "train", "--nproc", "2", "unet_demo"]
+    cmd += tiny_recipe(root, tmp_path / "run") + ["model.kwargs={base_channels: 4, depth: 2}"]
+    run = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    watchdog = threading.Timer(300, run.terminate)  # a hung job: SIGTERM reaches every rank
+    watchdog.start()
+    err, failed_at = [], None
+    for line in run.stderr:  # type: ignore[union-attr]
+        err.append(line.decode())
+        if failed_at is None and line.startswith(b"denseseg: error:"):
+            failed_at = time.monotonic()
+    code, stopped_in = run.wait(), time.monotonic() - (failed_at or 0)
+    watchdog.cancel()
+    text = "".join(err)
+    errors = [line for line in err if line.startswith("denseseg: error:")]
+    assert code == 2, text
+    assert len(errors) == 2, text
+    assert f"train_{first[0]:03d}.png" in errors[0] or f"train_{first[1]:03d}.png" in errors[0]
+    assert errors[1] == "denseseg: error: rank 1 failed (exit code 2); its message is above\n"
+    for noise in ("Traceback", "ChildFailedError", "torch.distributed", "[rank"):
+        assert noise not in text, text
+    assert stopped_in < 20, f"{stopped_in:.1f} s from the error to the end"

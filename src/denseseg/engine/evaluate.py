@@ -4,23 +4,33 @@
 :func:`run_eval` is ``denseseg eval`` for semantic and instance models alike (metrics table,
 ``metrics.json``; for semantic models also ``per_class.csv`` and two pictures,
 :func:`semantic_report`).
+
+Under ``torchrun`` (``torchrun --nproc_per_node N -m denseseg eval ...``) :func:`run_eval` joins
+the process group and every rank evaluates its shard of the split (every N-th image, none twice):
+the confusion matrices are summed, the COCO detections gathered to rank 0
+(:func:`evaluate_instances` with ``shard=True``), and rank 0 alone prints and writes the report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+import torch.distributed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from denseseg.data.io import atomic_write
 from denseseg.data.registry import get_dataset
+from denseseg.engine import distributed as dist
 from denseseg.errors import ConfigError, DataError
 from denseseg.inference.build import source_name
 from denseseg.inference.instance_segmenter import InstanceSegmenter
@@ -28,7 +38,17 @@ from denseseg.inference.segmenter import Segmenter
 from denseseg.metrics import SegmentationMetrics, format_table, save_results
 from denseseg.metrics.coco import CocoInstanceMetrics, format_coco_table
 
-__all__ = ["eval_batches", "evaluate", "evaluate_instances", "run_eval", "semantic_report"]
+__all__ = [
+    "eval_batches",
+    "evaluate",
+    "evaluate_instances",
+    "inference_group",
+    "merge_coco_shards",
+    "run_eval",
+    "semantic_report",
+]
+
+T = TypeVar("T")
 
 
 def _list_collate(batch: Sequence) -> tuple[list, list]:
@@ -93,12 +113,37 @@ def evaluate_instances(
     batch_size: int = 2,
     num_workers: int = 0,
     progress: bool = True,
+    shard: bool = False,
 ) -> dict[str, float]:
     """COCO box and mask AP of ``segmenter`` on ``dataset`` (raw uint8 items, instance targets).
 
+    Args:
+        shard: in a process group, evaluate this rank's shard of ``dataset`` (every
+            ``world``-th item, none twice), gather the detections to rank 0, which runs the
+            COCO evaluation, and give its metrics to every rank; every rank must call it. With
+            one process (or ``shard=False``) the whole ``dataset`` is evaluated here.
+
     Returns:
-        See :meth:`CocoInstanceMetrics.compute` (``segm_AP``, ``bbox_AP50``, ...).
+        See :meth:`CocoInstanceMetrics.compute` (``segm_AP``, ``bbox_AP50``, ...): the same
+        on every rank, and the same as one process's.
     """
+    if shard and dist.is_distributed():
+        parts = dist.gather_objects(
+            _coco_detections(segmenter, dist.shard(dataset), batch_size, num_workers, progress)
+        )
+        merged = merge_coco_shards(parts).compute() if parts is not None else None
+        return dist.broadcast_object(merged)
+    return _coco_detections(segmenter, dataset, batch_size, num_workers, progress).compute()
+
+
+def _coco_detections(
+    segmenter: InstanceSegmenter,
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+) -> CocoInstanceMetrics:
+    """Ground truth and detections of every item of ``dataset`` (RLE masks), not yet scored."""
     metrics = CocoInstanceMetrics(segmenter.class_names, segmenter.max_detections)
     total = (len(dataset) + batch_size - 1) // batch_size  # type: ignore[arg-type]
     batches = eval_batches(dataset, batch_size, num_workers)
@@ -107,7 +152,62 @@ def evaluate_instances(
     ):
         for target, pred in zip(targets, segmenter.predict_batch(images)):
             metrics.update(target, pred)
-    return metrics.compute()
+    return metrics
+
+
+def merge_coco_shards(parts: Sequence[CocoInstanceMetrics]) -> CocoInstanceMetrics:
+    """The shards of :func:`denseseg.engine.distributed.shard` (rank ``r`` of ``W`` holds items
+    ``r, r + W, ...``) as one process fills them: images in the split's order, numbered from 1,
+    annotations and detections numbered and ordered as :meth:`CocoInstanceMetrics.update`
+    gives them, so the COCO evaluation is the one process's, bit for bit.
+    """
+    merged = CocoInstanceMetrics(parts[0].class_names, parts[0].max_detections)
+    images = [_per_image(part) for part in parts]
+    world, total = len(parts), sum(len(part) for part in images)
+    for index in range(total):
+        image, gts, dets = images[index % world][index // world]
+        image_id = index + 1
+        merged.images.append({**image, "id": image_id})
+        for gt in gts:
+            merged.gts.append({**gt, "id": len(merged.gts) + 1, "image_id": image_id})
+        merged.dets += [{**det, "image_id": image_id} for det in dets]
+    return merged
+
+
+def _per_image(metrics: CocoInstanceMetrics) -> list[tuple[dict, list[dict], list[dict]]]:
+    gts: defaultdict[int, list[dict]] = defaultdict(list)
+    dets: defaultdict[int, list[dict]] = defaultdict(list)
+    for gt in metrics.gts:
+        gts[gt["image_id"]].append(gt)
+    for det in metrics.dets:
+        dets[det["image_id"]].append(det)
+    return [(image, gts[image["id"]], dets[image["id"]]) for image in metrics.images]
+
+
+def _main_writes(write: Callable[[], T]) -> T:
+    """``write()`` run by rank 0 alone (the report's files and lines); its result on every
+    rank, once written."""
+    return dist.broadcast_object(write() if dist.is_main() else None)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def inference_group(predictor: Any) -> Iterator[None]:
+    """Under ``torchrun``: join the process group for the block (gloo on a CPU, NCCL on
+    CUDA), with ``predictor`` moved to this process's own GPU (``cuda:LOCAL_RANK``) and the
+    ranks other than 0 logging errors only; without torchrun's environment nothing changes."""
+    device = dist.local_device(predictor.device)
+    if device != predictor.device:
+        predictor.model.to(device)
+        predictor.device = device
+    log = logging.getLogger("denseseg")
+    level = log.level
+    with dist.process_group(device):
+        if not dist.is_main():
+            log.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            log.setLevel(level)
 
 
 def run_eval(
@@ -145,9 +245,12 @@ def run_eval(
         options: the reader's options, as a recipe's ``data.options`` (semantic).
         say: prints the table (``print``; the CLI passes its terminal-safe printer).
 
+    Under ``torchrun`` every rank evaluates its shard of the split and the counts are
+    reduced (:func:`inference_group`); rank 0 alone calls ``say`` and writes the files.
+
     Returns:
         The files written: ``json`` (``metrics.json``), ``csv``, ``confusion``, ``iou``
-        (semantic) and ``copy`` (``json_path``), in the order written.
+        (semantic) and ``copy`` (``json_path``), in the order written; on every rank.
 
     Raises:
         DataError: the dataset's classes are not the model's.
@@ -155,22 +258,35 @@ def run_eval(
             another number of classes.
     """
     out = Path(out)
-    if getattr(predictor, "task", "semantic") == "instance":
-        return _instance_eval(
-            predictor, dataset, root, split, out, json_path, batch_size, num_workers, say
+    with inference_group(predictor):
+        if getattr(predictor, "task", "semantic") == "instance":
+            return _instance_eval(
+                predictor, dataset, root, split, out, json_path, batch_size, num_workers, say
+            )
+        ds = get_dataset(dataset, root, split, **dict(options or {}))
+        if ds.num_classes != predictor.num_classes:
+            raise DataError(
+                f"dataset {root} has {ds.num_classes} classes, model "
+                f"{source_name(predictor.meta)} predicts {predictor.num_classes}"
+            )
+        metrics = evaluate(
+            predictor,
+            dist.shard(ds),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            absent=absent,
+            progress=dist.is_main(),
         )
-    ds = get_dataset(dataset, root, split, **dict(options or {}))
-    if ds.num_classes != predictor.num_classes:
-        raise DataError(
-            f"dataset {root} has {ds.num_classes} classes, model {source_name(predictor.meta)} "
-            f"predicts {predictor.num_classes}"
-        )
-    metrics = evaluate(predictor, ds, batch_size=batch_size, num_workers=num_workers, absent=absent)
-    results = metrics.compute()
-    say(format_table(results, predictor.class_names))
-    return semantic_report(
-        results, metrics.confusion, predictor, out, json_path=json_path, title=split
-    )
+        metrics.all_reduce()  # the shards' confusion matrices summed: the split's, on each rank
+        results = metrics.compute()
+
+        def report() -> dict[str, Path]:
+            say(format_table(results, predictor.class_names))
+            return semantic_report(
+                results, metrics.confusion, predictor, out, json_path=json_path, title=split
+            )
+
+        return _main_writes(report)
 
 
 def semantic_report(
@@ -251,13 +367,24 @@ def _instance_eval(
             f"dataset {root} has {ds.num_classes} classes, the model predicts "
             f"{segmenter.num_classes}; give the training recipe's category mapping"
         )
-    metrics = evaluate_instances(segmenter, ds, batch_size=batch_size, num_workers=num_workers)
-    say(format_coco_table(metrics))
-    data = json.dumps({"split": split, **metrics}, indent=2).encode()
-    written = {"json": _write_bytes(out / "metrics.json", data)}
-    if json_path:
-        written["copy"] = _write_bytes(Path(json_path), data)
-    return written
+    metrics = evaluate_instances(
+        segmenter,
+        ds,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=dist.is_main(),
+        shard=True,
+    )
+
+    def report() -> dict[str, Path]:
+        say(format_coco_table(metrics))
+        data = json.dumps({"split": split, **metrics}, indent=2).encode()
+        written = {"json": _write_bytes(out / "metrics.json", data)}
+        if json_path:
+            written["copy"] = _write_bytes(Path(json_path), data)
+        return written
+
+    return _main_writes(report)
 
 
 def _copy_file(src: Path, dst: Path) -> Path:

@@ -4,6 +4,11 @@ pictures and COCO results (instance models).
 :func:`predict_folder` is ``denseseg predict``: it lists the inputs, plans every output name and
 checks it against the inputs before the first write (:mod:`denseseg.engine.outputs`), then runs
 :func:`predict_semantic` or :func:`predict_instances`. Every file is written atomically.
+
+Under ``torchrun`` (``torchrun --nproc_per_node N -m denseseg predict ...``) rank ``r`` segments
+the inputs ``r, r + N, ...`` of the sorted list and writes their outputs, each once; rank 0
+checks every output name before any rank writes, gathers the instance detections for
+``results.json``, and alone shows progress.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from tqdm.auto import tqdm
 
 from denseseg.data import io as data_io
 from denseseg.data.palette import overlay
+from denseseg.engine import distributed as dist
+from denseseg.engine.evaluate import inference_group
 from denseseg.engine.outputs import NoClobber, check_out_folder, plan_outputs, refuse_out_in_input
-from denseseg.errors import ConfigError, DataError
+from denseseg.errors import ConfigError, DataError, DensesegError
 from denseseg.inference.instance_segmenter import InstanceSegmenter
 from denseseg.inference.segmenter import Segmenter
 from denseseg.metrics.coco import encode_masks
@@ -44,6 +51,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 """File name suffixes (any case) taken as images in an input folder."""
 
 BeforeWrite = Callable[[Path, Path | None], None]
+Plan = dict[Path, list[Path]]
 
 
 @dataclass
@@ -98,7 +106,8 @@ def predict_folder(
     with ``probs``, ``STEM_probs.npy`` (float16 class probabilities ``(K, H, W)``); an instance
     model gives ``STEM_instances.png`` per input and ``results.json`` (see
     :func:`predict_instances`). Nothing is written until every output name is known to be free
-    of the inputs; an input is never overwritten.
+    of the inputs; an input is never overwritten. Under ``torchrun`` the inputs are shared out
+    among the ranks (see the module docstring); every rank returns the whole job's result.
 
     Args:
         predictor: a Segmenter or InstanceSegmenter (e.g. from :func:`denseseg.load_model`).
@@ -119,10 +128,41 @@ def predict_folder(
             share an output name, or an output exists already and ``overwrite`` is False.
     """
     source, out = Path(source), Path(out)
+    instance = getattr(predictor, "task", "semantic") == "instance"
+    with inference_group(predictor):
+        files, plan, guard = _agreed_plan(source, out, instance, probs, overwrite)
+        mine = shard_files(files, dist.rank(), dist.world_size())
+        written = [target for path in files for target in plan[path]]
+        if not instance:
+            predict_semantic(
+                predictor,
+                {path: plan[path] for path in mine},
+                batch_size=batch_size,
+                alpha=alpha,
+                before_write=guard,
+                progress=dist.is_main(),
+            )
+            dist.barrier()  # every rank returns once every output is written
+            return Predictions(files, written)
+        results = _sharded_instances(predictor, files, plan, out, batch_size, alpha, guard)
+        dist.barrier()
+    return Predictions(files, [*written, out / "results_images.json", results], results)
+
+
+def shard_files(files: Sequence[Path], rank: int, world: int) -> list[Path]:
+    """Rank ``rank``'s share of ``world`` processes: every ``world``-th input from ``rank`` on,
+    so that every input is segmented (and each output written) by exactly one rank."""
+    return list(files[rank::world])
+
+
+def _check_plan(
+    source: Path, out: Path, instance: bool, probs: bool, overwrite: bool
+) -> tuple[list[Path], Plan, NoClobber]:
+    """The inputs, their outputs, checked (none an input, a duplicate or, unless
+    ``overwrite``, a file in ``out`` already), and the guard; creates ``out``, writes nothing."""
     files = list_inputs(source)
     check_out_folder(out, f"--out {out}")
     refuse_out_in_input(source, out)
-    instance = getattr(predictor, "task", "semantic") == "instance"
     plan = plan_outputs(files, out, instance, probs)
     guard = NoClobber(files)
     for targets in plan.values():
@@ -131,20 +171,58 @@ def predict_folder(
     if not overwrite:
         _refuse_existing([t for targets in plan.values() for t in targets], out)
     out.mkdir(parents=True, exist_ok=True)
-    written = [target for path in files for target in plan[path]]
-    if not instance:
-        predict_semantic(predictor, plan, batch_size=batch_size, alpha=alpha, before_write=guard)
-        return Predictions(files, written)
-    results = predict_instances(
-        predictor,
-        files,
+    return files, plan, guard
+
+
+def _agreed_plan(
+    source: Path, out: Path, instance: bool, probs: bool, overwrite: bool
+) -> tuple[list[Path], Plan, NoClobber]:
+    """:func:`_check_plan`, by rank 0 before any rank writes; when rank 0 refuses the job
+    every rank raises its error, else every rank lists and plans the same inputs."""
+    if not dist.is_distributed():
+        return _check_plan(source, out, instance, probs, overwrite)
+    refused: DensesegError | None = None
+    if dist.is_main():
+        try:
+            _check_plan(source, out, instance, probs, overwrite)
+        except DensesegError as exc:
+            refused = exc
+    refused = dist.broadcast_object(refused)
+    if refused is not None:
+        raise refused
+    files = list_inputs(source)  # the same sorted list on every rank
+    return files, plan_outputs(files, out, instance, probs), NoClobber(files)
+
+
+def _sharded_instances(
+    segmenter: InstanceSegmenter,
+    files: list[Path],
+    plan: Plan,
+    out: Path,
+    batch_size: int,
+    alpha: float,
+    guard: BeforeWrite,
+) -> Path:
+    """:func:`predict_instances` over this rank's inputs; rank 0 gathers the detections and
+    writes ``results.json`` (image ids numbered over all the inputs, as one process does)."""
+    indices = range(dist.rank(), len(files), dist.world_size())
+    records = _draw_instances(
+        segmenter,
+        [files[i] for i in indices],
         out,
+        image_ids=[i + 1 for i in indices],
+        picture_names=[plan[files[i]][0].name for i in indices],
         batch_size=batch_size,
         alpha=alpha,
-        picture_names=[plan[f][0].name for f in files],
         before_write=guard,
+        progress=dist.is_main(),
     )
-    return Predictions(files, [*written, out / "results_images.json", results], results)
+    parts = dist.gather_objects(records)
+    if parts is not None:
+        images = sorted((image for part in parts for image in part[0]), key=lambda i: i["id"])
+        results = sorted((r for part in parts for r in part[1]), key=lambda r: r["image_id"])
+        _write_results(out, images, results, guard)
+    return out / "results.json"
 
 
 def _refuse_existing(targets: Sequence[Path], out: Path) -> None:
@@ -163,6 +241,7 @@ def predict_semantic(
     batch_size: int = 4,
     alpha: float = 0.5,
     before_write: BeforeWrite | None = None,
+    progress: bool = True,
 ) -> int:
     """Write each input's label map, overlay and (when planned) probabilities.
 
@@ -174,6 +253,7 @@ def predict_semantic(
         alpha: overlay opacity.
         before_write: called as ``before_write(path, input_file)`` before each file is written;
             it raises to refuse the write.
+        progress: show a progress bar.
 
     Returns:
         How many inputs were segmented.
@@ -181,7 +261,10 @@ def predict_semantic(
     check = before_write or (lambda path, source: None)
     files = list(plan)
     probs = any(len(targets) > 2 for targets in plan.values())  # a third output: probabilities
-    with tqdm(total=len(files), desc="predict", unit="img", dynamic_ncols=True) as bar:
+    bar = tqdm(
+        total=len(files), desc="predict", unit="img", dynamic_ncols=True, disable=not progress
+    )
+    with bar:
         for i in range(0, len(files), batch_size):
             chunk = files[i : i + batch_size]
             images = [data_io.read_image(p) for p in chunk]
@@ -244,6 +327,7 @@ def predict_instances(
     min_score: float = 0.5,
     picture_names: Sequence[str] | None = None,
     before_write: BeforeWrite | None = None,
+    progress: bool = True,
 ) -> Path:
     """Draw the instances of each image and write every detection as COCO results.
 
@@ -257,30 +341,67 @@ def predict_instances(
             ``<stem>_instances.png``); the caller makes them unique.
         before_write: called as ``before_write(path, input_file)`` before each file is written
             (``input_file`` None for the results files); it raises to refuse the write.
+        progress: show a progress bar.
 
     Returns:
         The path of ``results.json``.
     """
-    from denseseg.viz import draw_instances  # matplotlib: imported only when drawing
-
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    names = list(picture_names or [f"{p.stem}_instances.png" for p in files])
     check = before_write or (lambda path, source: None)
+    images, results = _draw_instances(
+        segmenter,
+        files,
+        folder,
+        image_ids=range(1, len(files) + 1),
+        picture_names=picture_names or [f"{p.stem}_instances.png" for p in files],
+        batch_size=batch_size,
+        alpha=alpha,
+        min_score=min_score,
+        before_write=check,
+        progress=progress,
+    )
+    return _write_results(folder, images, results, check)
+
+
+def _draw_instances(
+    segmenter: InstanceSegmenter,
+    files: Sequence[Path],
+    folder: Path,
+    *,
+    image_ids: Sequence[int],
+    picture_names: Sequence[str],
+    batch_size: int,
+    alpha: float,
+    before_write: BeforeWrite,
+    progress: bool,
+    min_score: float = 0.5,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Write each image's instance picture (``folder / picture_names[k]``).
+
+    Returns:
+        The images' entries of ``results_images.json`` and their detections as COCO results,
+        numbered by ``image_ids``.
+    """
+    from denseseg.viz import draw_instances  # matplotlib: imported only when drawing
+
     results: list[dict[str, Any]] = []
     images_meta = []
     cat_ids = segmenter.meta.get("category_ids")
-    with tqdm(total=len(files), desc="predict", unit="img", dynamic_ncols=True) as bar:
+    bar = tqdm(
+        total=len(files), desc="predict", unit="img", dynamic_ncols=True, disable=not progress
+    )
+    with bar:
         for start in range(0, len(files), batch_size):
             chunk = list(files[start : start + batch_size])
             images = [data_io.read_image(p) for p in chunk]
             preds = segmenter.predict_batch(images)
-            for image_id, (path, image, pred) in enumerate(zip(chunk, images, preds), start + 1):
+            for k, (path, image, pred) in enumerate(zip(chunk, images, preds), start):
                 h, w = image.shape[-2:]
                 images_meta.append(
-                    {"id": image_id, "file_name": path.name, "height": h, "width": w}
+                    {"id": image_ids[k], "file_name": path.name, "height": h, "width": w}
                 )
-                results += coco_results(pred, image_id, cat_ids)
+                results += coco_results(pred, image_ids[k], cat_ids)
                 shown = pred["scores"] >= min_score
                 picture = draw_instances(
                     image,
@@ -291,10 +412,17 @@ def predict_instances(
                     class_names=segmenter.class_names,
                     alpha=alpha,
                 )
-                check(folder / names[image_id - 1], path)
-                data_io.write_image(folder / names[image_id - 1], picture)
+                before_write(folder / picture_names[k], path)
+                data_io.write_image(folder / picture_names[k], picture)
             bar.update(len(chunk))
-    _write_json(folder / "results_images.json", json.dumps(images_meta, indent=1), check)
+    return images_meta, results
+
+
+def _write_results(
+    folder: Path, images: list[dict[str, Any]], results: list[dict[str, Any]], check: BeforeWrite
+) -> Path:
+    """``results_images.json`` and ``results.json``; returns the latter's path."""
+    _write_json(folder / "results_images.json", json.dumps(images, indent=1), check)
     return _write_json(folder / "results.json", json.dumps(results), check)
 
 

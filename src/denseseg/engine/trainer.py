@@ -376,6 +376,8 @@ class Trainer:
         if cfg.optim.freeze_backbone:
             _freeze_backbone(self.model)
         self.model.to(self.device)
+        if cfg.model.sync_bn:
+            self.model = dist.convert_sync_bn(self.model, self.device)
         if cfg.train.channels_last:
             _use_channels_last(self.model)
 

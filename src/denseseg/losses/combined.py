@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch.nn as nn
 from torch import Tensor
@@ -17,6 +17,9 @@ class CombinedLoss(nn.Module):
 
     Forward:
         ``logits (N, C, H, W)``, ``target (N, H, W)`` -> scalar.
+
+    Like every loss here, it also gives summable ``statistics`` (and ``num_statistics`` of
+    them) and the loss ``from_statistics``, for global normalisation on several processes.
     """
 
     def __init__(
@@ -35,4 +38,22 @@ class CombinedLoss(nn.Module):
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         """Return the weighted sum of the terms (a scalar)."""
         losses = [self.weights[name] * term(logits, target) for name, term in self.terms.items()]
+        return sum(losses[1:], losses[0])
+
+    @property
+    def num_statistics(self) -> int:
+        return sum(term.num_statistics for term in self.terms.values())
+
+    def statistics(self, logits: Tensor, target: Tensor) -> tuple[Tensor, ...]:
+        """The terms' ``statistics``, one after the other (summable over batches and
+        processes, as each term's)."""
+        return tuple(s for term in self.terms.values() for s in term.statistics(logits, target))
+
+    def from_statistics(self, stats: Sequence[Tensor]) -> Tensor:
+        """The weighted sum of the terms' losses of summed :meth:`statistics`."""
+        losses, start = [], 0
+        for name, term in self.terms.items():
+            part = stats[start : start + term.num_statistics]
+            losses.append(self.weights[name] * term.from_statistics(part))
+            start += term.num_statistics
         return sum(losses[1:], losses[0])

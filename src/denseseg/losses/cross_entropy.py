@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,6 +36,7 @@ class CrossEntropyLoss(nn.Module):
     """
 
     weight: Tensor | None
+    num_statistics = 2  # summed loss, summed weight
 
     def __init__(
         self, ignore_index: int = 255, weight: Tensor | None = None, label_smoothing: float = 0.0
@@ -59,11 +62,11 @@ class CrossEntropyLoss(nn.Module):
             label_smoothing=self.label_smoothing,
         )
 
-    def sum_and_weight(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    def statistics(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """The summed loss and the summed weight of the non-ignored pixels (their count without
-        class weights): :meth:`forward` is their ratio. Training on several processes divides
-        the sum by the weight summed over all of them, so that the mean is the global batch's.
-        """
+        class weights). Statistics of several batches add up, and :meth:`from_statistics` of
+        their sum is the mean over all of them: training on several processes sums them over
+        the processes, so that the mean is the global batch's."""
         _check_shapes(logits, target, "CrossEntropyLoss")
         target = target.long()
         valid = target != self.ignore_index
@@ -80,6 +83,18 @@ class CrossEntropyLoss(nn.Module):
             return total, valid.sum().to(logits.dtype)
         return total, weight[target[valid]].sum()
 
+    @staticmethod
+    def from_statistics(stats: Sequence[Tensor]) -> Tensor:
+        """The loss of summed :meth:`statistics`: the weighted mean (0 without a pixel)."""
+        return weighted_mean(stats)
+
+
+def weighted_mean(stats: Sequence[Tensor]) -> Tensor:
+    """``summed loss / summed weight`` of ``(summed loss, summed weight)``; 0 (with a graph) when
+    the weight is 0, as every pixel's loss is then 0 too."""
+    total, weight = stats
+    return total / weight.clamp_min(1e-12)
+
 
 class BCEWithLogits(nn.Module):
     """Binary cross-entropy on one logit channel, with an ignore label.
@@ -95,6 +110,7 @@ class BCEWithLogits(nn.Module):
     """
 
     weight: Tensor | None
+    num_statistics = 2  # summed loss, summed weight
 
     def __init__(self, ignore_index: int = 255, weight: Tensor | None = None) -> None:
         super().__init__()
@@ -121,3 +137,22 @@ class BCEWithLogits(nn.Module):
             return F.binary_cross_entropy_with_logits(x, y)
         w = self.weight.to(x.device, x.dtype)[target[valid].long()]
         return (F.binary_cross_entropy_with_logits(x, y, reduction="none") * w).sum() / w.sum()
+
+    def statistics(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """The summed loss and the summed weight of the non-ignored pixels, summable over
+        batches and processes (see :meth:`CrossEntropyLoss.statistics`)."""
+        _check_shapes(logits, target, "BCEWithLogits")
+        if logits.shape[1] != 1:
+            raise ValueError(f"BCEWithLogits expects one logit channel, got {logits.shape[1]}")
+        valid = target != self.ignore_index
+        x = logits[:, 0][valid]
+        losses = F.binary_cross_entropy_with_logits(x, target[valid].to(x.dtype), reduction="none")
+        if self.weight is None:
+            return losses.sum(), valid.sum().to(x.dtype)
+        w = self.weight.to(x.device, x.dtype)[target[valid].long()]
+        return (losses * w).sum(), w.sum()
+
+    @staticmethod
+    def from_statistics(stats: Sequence[Tensor]) -> Tensor:
+        """The loss of summed :meth:`statistics`: the weighted mean (0 without a pixel)."""
+        return weighted_mean(stats)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -33,6 +35,8 @@ class DiceLoss(nn.Module):
         ``logits (N, C, H, W)`` (C = 1 in binary mode), ``target (N, H, W)`` int64 -> scalar.
     """
 
+    num_statistics = 3  # per class: intersection, summed probability, target pixels
+
     def __init__(
         self,
         mode: str = "multiclass",
@@ -52,6 +56,13 @@ class DiceLoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         """Return the Dice loss of a batch (a scalar)."""
+        return self.from_statistics(self.statistics(logits, target))
+
+    def statistics(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per class, over the batch's non-ignored pixels: the soft intersection, the summed
+        probabilities and the pixel count of the target, each ``(C,)``. They add up over
+        batches and processes; :meth:`from_statistics` of their sum is the Dice loss of the
+        union (training on several processes sums them over the processes)."""
         if logits.ndim != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
             raise ValueError(
                 f"DiceLoss expects logits (N, C, H, W) and target (N, H, W); got "
@@ -73,10 +84,13 @@ class DiceLoss(nn.Module):
             onehot = F.one_hot(label, num_classes).permute(0, 2, 1).float()
         prob = prob * valid
         onehot = onehot * valid
-
         dims = (0, 2)
-        intersection = (prob * onehot).sum(dims)
-        cardinality = prob.sum(dims) + onehot.sum(dims)
+        return (prob * onehot).sum(dims), prob.sum(dims), onehot.sum(dims)
+
+    def from_statistics(self, stats: Sequence[Tensor]) -> Tensor:
+        """The Dice loss of summed :meth:`statistics`."""
+        intersection, prob_sum, target_sum = stats
+        cardinality = prob_sum + target_sum
         dice = (2.0 * intersection + self.smooth) / (cardinality + self.smooth).clamp_min(self.eps)
-        present = onehot.sum(dims) > 0
+        present = target_sum > 0
         return ((1.0 - dice) * present).mean()

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from denseseg.errors import ConfigError
+from denseseg.losses.cross_entropy import weighted_mean
 from denseseg.ops.components import label_components, two_nearest_distances
 
 __all__ = [
@@ -173,18 +174,15 @@ class PixelWeightedCrossEntropy(nn.Module):
         -> scalar (0 with a graph when every weight is 0).
     """
 
+    num_statistics = 2  # summed weighted loss, summed weight
+
     def __init__(self, ignore_index: int = 255) -> None:
         super().__init__()
         self.ignore_index = ignore_index
 
     def forward(self, logits: Tensor, target: Tensor, weights: Tensor) -> Tensor:
         """Return the weighted mean loss (a scalar)."""
-        if logits.ndim != 4 or target.shape != weights.shape or target.shape[0] != len(logits):
-            raise ValueError(
-                "PixelWeightedCrossEntropy expects logits (N, C, H, W), target and weights "
-                f"(N, H, W); got {tuple(logits.shape)}, {tuple(target.shape)}, "
-                f"{tuple(weights.shape)}"
-            )
+        self._check(logits, target, weights)
         valid = target != self.ignore_index
         w = torch.where(valid, weights.to(logits.dtype), 0.0)
         total = w.sum()
@@ -192,3 +190,26 @@ class PixelWeightedCrossEntropy(nn.Module):
             return logits.sum() * 0.0
         losses = F.cross_entropy(logits, torch.where(valid, target, 0).long(), reduction="none")
         return (w * losses).sum() / total
+
+    def statistics(self, logits: Tensor, target: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+        """``(sum_x w(x) l(x), sum_x w(x))``: they add up over batches and processes, and
+        :meth:`from_statistics` of their sum is the weighted mean over all of them."""
+        self._check(logits, target, weights)
+        valid = target != self.ignore_index
+        w = torch.where(valid, weights.to(logits.dtype), 0.0)
+        losses = F.cross_entropy(logits, torch.where(valid, target, 0).long(), reduction="none")
+        return (w * losses).sum(), w.sum()
+
+    @staticmethod
+    def from_statistics(stats: Sequence[Tensor]) -> Tensor:
+        """The weighted mean of summed :meth:`statistics` (0 when every weight is 0)."""
+        return weighted_mean(stats)
+
+    @staticmethod
+    def _check(logits: Tensor, target: Tensor, weights: Tensor) -> None:
+        if logits.ndim != 4 or target.shape != weights.shape or target.shape[0] != len(logits):
+            raise ValueError(
+                "PixelWeightedCrossEntropy expects logits (N, C, H, W), target and weights "
+                f"(N, H, W); got {tuple(logits.shape)}, {tuple(target.shape)}, "
+                f"{tuple(weights.shape)}"
+            )

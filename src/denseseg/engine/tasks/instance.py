@@ -2,7 +2,13 @@
 
 Batches are lists (images of any sizes; the model resizes, pads and normalises them itself),
 the loss is the sum of the model's loss dict (RPN, box and mask), evaluation is COCO box and mask
-AP (:mod:`denseseg.metrics.coco`).
+AP (:mod:`denseseg.metrics.coco`), sharded over the processes of a distributed run with the
+detections gathered to rank 0.
+
+Mask R-CNN's losses (torchvision's) are means over a fixed number of sampled anchors and RoIs
+per image, so with equal per-process batches DDP's average of the ranks' gradients is the
+gradient of the global batch's mean: unlike the semantic losses they need no global
+normalisation.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from denseseg.config import Config, DataCfg
+from denseseg.engine import distributed as dist
 from denseseg.engine.evaluate import evaluate_instances
 from denseseg.engine.tasks.base import EvalReport, Task
 from denseseg.engine.training_data import TrainingData
@@ -45,12 +52,15 @@ class InstanceTask(Task):
         return sum(losses.values())
 
     def evaluate(self, predictor: Any, dataset: Any, cfg: Config) -> dict[str, Any]:
+        """COCO AP of the validation split: each rank predicts its shard, rank 0 scores the
+        gathered detections, and every rank gets its metrics (so all pick best.pt alike)."""
         return evaluate_instances(
             predictor,
             dataset,
             batch_size=cfg.data.eval_batch_size,
             num_workers=cfg.data.num_workers,
-            progress=cfg.train.progress,
+            progress=cfg.train.progress and dist.is_main(),
+            shard=True,
         )
 
     def report(self, metrics: dict[str, Any], step: int) -> EvalReport:

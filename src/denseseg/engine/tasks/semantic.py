@@ -17,7 +17,6 @@ from denseseg.engine.tasks.base import EvalReport, Task
 from denseseg.engine.training_data import TrainingData
 from denseseg.errors import ConfigError
 from denseseg.losses import build_loss
-from denseseg.losses.cross_entropy import CrossEntropyLoss
 from denseseg.losses.weight_map import PixelWeightedCrossEntropy, WithWeightMap, parse_weight_map
 
 
@@ -71,26 +70,33 @@ class SemanticTask(Task):
         if logits.shape[-2:] != targets.shape[-2:]:
             targets = center_crop(targets, logits.shape[-2:])
             extra = tuple(center_crop(w, logits.shape[-2:]) for w in extra)
-        if dist.world_size() > 1 and isinstance(self.criterion, CrossEntropyLoss):
-            return self._global_mean(self.criterion, logits, out.get("aux"), targets)
+        if dist.world_size() > 1:
+            return self._global_loss(logits, out.get("aux"), targets, extra)
         loss = self.criterion(logits.float(), targets, *extra)
         if "aux" in out and self.aux_weight:
             # torchvision's reference training: loss + 0.5 * the auxiliary head's loss.
             loss = loss + self.aux_weight * self.criterion(out["aux"].float(), targets, *extra)
         return loss
 
-    def _global_mean(
-        self, criterion: CrossEntropyLoss, logits: Tensor, aux: Tensor | None, targets: Tensor
+    def _global_loss(
+        self, logits: Tensor, aux: Tensor | None, targets: Tensor, extra: tuple[Tensor, ...]
     ) -> Tensor:
-        """The cross-entropy of this process's share of the global batch, divided by the
-        (weighted, non-ignored) pixels of the whole global batch, all-reduced: DDP's gradient
-        average (a division by the world size, undone here) then gives the gradient of the
-        global batch's mean, as one process with the whole batch computes it."""
-        total, weight = criterion.sum_and_weight(logits.float(), targets)
+        """The loss of the whole global batch, on several processes: each loss's summable
+        statistics (weighted pixel counts, Dice's per-class sums) of this process's share,
+        summed over the processes, give the value one process with the whole batch computes;
+        autograd runs through this process's share, and DDP's gradient average is undone, so
+        the update is that process's too."""
+        heads = [(1.0, logits)]
         if aux is not None and self.aux_weight:
-            total = total + self.aux_weight * criterion.sum_and_weight(aux.float(), targets)[0]
-        weight = dist.all_reduce_sum(weight.detach().clone())
-        return total * (dist.world_size() / weight.clamp_min(1e-12))
+            heads.append((self.aux_weight, aux))
+        crit = self.criterion
+        stats = [crit.statistics(out.float(), targets, *extra) for _, out in heads]
+        summed = iter(dist.sum_over_ranks([t for s in stats for t in s]))
+        losses = [
+            w * crit.from_statistics([next(summed) for _ in s])
+            for (w, _), s in zip(heads, stats, strict=True)
+        ]
+        return dist.undo_gradient_average(sum(losses[1:], losses[0]))
 
     def evaluate(self, predictor: Any, dataset: Any, cfg: Config) -> dict[str, Any]:
         dc = cfg.data
