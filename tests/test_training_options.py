@@ -238,3 +238,37 @@ def test_switching_ema_on_when_resuming_starts_it_from_the_resumed_weights(
         train(_cfg(data, out, "train.ema=0.9"), resume=tmp_path / "step_0000004.pt")
     assert "holds no EMA of the weights" in caplog.text
     assert load_checkpoint(out / "last.pt")["ema"]["updates"] == 4
+
+
+def test_eval_predict_and_pack_take_the_ema_with_dash_dash_ema(
+    data, tmp_path, capsys, monkeypatch
+) -> None:
+    """``eval --ema`` scores what training logged for the EMA at its last evaluation;
+    ``predict --ema`` and ``pack --ema`` use those weights; without an EMA, one line."""
+    import json
+
+    from denseseg.cli import main
+
+    run = tmp_path / "run"
+    train(_cfg(data, run, "train.ema=0.8"))
+    out = tmp_path / "eval"
+    args = ["eval", "--model", str(run / "last.pt"), "--root", str(data), "--out", str(out)]
+    assert main([*args, "--ema", "--device", "cpu"]) == 0
+    miou = json.loads((out / "metrics.json").read_text())["mIoU"]
+    assert miou == pytest.approx(_csv(run, "val_ema_mIoU")[-1], abs=1e-6)
+    pred = tmp_path / "pred"
+    predict = ["predict", str(data / "images"), "--model", str(run / "last.pt"), "--out"]
+    assert main([*predict, str(pred), "--ema", "--device", "cpu"]) == 0
+    assert any(pred.glob("*.png"))
+    pack = ["pack", str(run / "last.pt"), "tiny_ema", "--out", str(tmp_path / "packed"), "--ema"]
+    assert main([*pack, "--fp32"]) == 0
+    monkeypatch.setenv("DENSESEG_PRETRAINED_DIR", str(tmp_path / "packed"))
+    packed = denseseg.load_model("tiny_ema", device="cpu")
+    assert _close(packed.model.state_dict(), _weights(run, "ema"))
+    plain = tmp_path / "plain"
+    train(_cfg(data, plain, "train.max_steps=2", "train.eval_every=0"))
+    capsys.readouterr()
+    args = ["eval", "--model", str(plain / "last.pt"), "--root", str(data), "--ema"]
+    assert main([*args, "--out", str(tmp_path / "e2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no moving average" in err[0] and "--ema" in err[0]

@@ -41,7 +41,11 @@ def _printable(text: str, stream: TextIO) -> str:
 
 
 def _say(text: str) -> None:
-    print(_printable(text, sys.stdout))
+    """Print a result line (rank 0 alone, when several processes run the command)."""
+    from denseseg.engine.distributed import is_main
+
+    if is_main():
+        print(_printable(text, sys.stdout))
 
 
 class _TqdmHandler(logging.Handler):
@@ -65,11 +69,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from denseseg.engine.trainer import train
 
     cfg = load_config(args.config, args.overrides)  # checked here before torchrun starts
-    if args.nproc > 1:
-        resume_args = [] if args.resume is None else ["--resume", args.resume]
-        verbose = ["-v"] if args.verbose else []
-        train_args = ["train", args.config, *args.overrides, *resume_args]
-        return distributed.run_torchrun(args.nproc, [*verbose, *train_args])
+    launched = _on_processes(args)
+    if launched is not None:
+        return launched
     resume: bool | str = False if args.resume is None else (args.resume or True)
     result = train(cfg, resume=resume)
     if not distributed.is_main():
@@ -83,6 +85,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _on_processes(args: argparse.Namespace) -> int | None:
+    """``--nproc N``: this command line run again by N processes of this machine (torchrun's
+    launcher), and their exit status; None where this process does the work itself (one
+    process, or one of torchrun's workers, which sees the same ``--nproc``)."""
+    from denseseg.engine import distributed
+
+    if args.nproc == 1:
+        return None
+    workers = distributed.torchrun_local_world_size()
+    if workers is None:
+        return distributed.run_torchrun(args.nproc, args.argv)
+    if workers != args.nproc:
+        raise ConfigError(
+            f"--nproc {args.nproc} under torchrun, which started {workers} processes on this "
+            "machine: leave out --nproc (torchrun's --nproc_per_node says how many)"
+        )
+    return None
+
+
 # ---------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
     from denseseg.api import load_model
@@ -94,7 +115,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_out_folder(out, f"--out {out}")
     _refuse_out_in_dataset(out, args.root, args.split)
     options = _reader_options(args.option)
-    seg = load_model(args.model, device=args.device, **_tta_option(args))
+    launched = _on_processes(args)
+    if launched is not None:
+        return launched
+    seg = load_model(args.model, device=args.device, ema=args.ema, **_tta_option(args))
     written = run_eval(
         seg,
         args.dataset,
@@ -144,9 +168,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from denseseg.api import load_model
     from denseseg.engine.predict import predict_folder
 
+    launched = _on_processes(args)
+    if launched is not None:
+        return launched
     fast = {"fast": True} if args.fast else {}
     seg = load_model(
-        args.model, device=args.device, threshold=args.threshold, **fast, **_tta_option(args)
+        args.model,
+        device=args.device,
+        ema=args.ema,
+        threshold=args.threshold,
+        **fast,
+        **_tta_option(args),
     )
     options = {"alpha": args.alpha, "probs": args.probs, "overwrite": args.overwrite}
     done = predict_folder(seg, args.input, args.out, batch_size=args.batch_size, **options)
@@ -184,6 +216,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
         precise_bn=args.precise_bn,
         data_root=args.root,
         force=args.force,
+        ema=args.ema,
     )
     size = files["weights"].stat().st_size / 2**20
     _say(f"wrote {files['weights']} ({size:.1f} MiB) and {files['json']}")
@@ -346,13 +379,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         metavar="CKPT",
         help="continue train.out_dir/last.pt (or the given checkpoint)",
     )
-    t.add_argument(
-        "--nproc",
-        type=_int_at_least(1),
-        default=1,
-        metavar="N",
-        help="train on N processes of this machine (starts torchrun; data.batch_size is per "
-        "process, the global batch N times it)",
+    _add_nproc(
+        t,
+        "train on N processes of this machine (torchrun; data.batch_size is per process, the "
+        "global batch N times it)",
     )
     t.set_defaults(func=cmd_train)
 
@@ -386,7 +416,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="how classes absent from the ground truth count in the means",
     )
     e.add_argument("--device", default="auto")
+    _add_ema(e)
     _add_tta(e)
+    _add_nproc(e, "evaluate on N processes of this machine (torchrun), each a share of the split")
     e.set_defaults(func=cmd_eval)
 
 
@@ -424,7 +456,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "--threshold", type=_fraction, default=0.5, help="binary models' threshold, 0 to 1"
     )
     r.add_argument("--device", default="auto")
+    _add_ema(r)
     _add_tta(r)
+    _add_nproc(r, "segment on N processes of this machine (torchrun), each a share of the images")
     r.set_defaults(func=cmd_predict)
 
 
@@ -494,7 +528,16 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
         help="recompute batch-norm statistics over N batches of the checkpoint's training data",
     )
     k.add_argument("--root", default=None, help="training data folder for --precise-bn")
+    _add_ema(k)
     k.set_defaults(func=cmd_pack)
+
+
+def _add_ema(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ema",
+        action="store_true",
+        help="use the moving average of the weights the checkpoint keeps (train.ema)",
+    )
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
@@ -513,6 +556,10 @@ def _add_tta(parser: argparse.ArgumentParser, help: str | None = None) -> None:
         or "test-time augmentation: hflip (2 passes) or d4 (8 flips and rotations, for "
         "microscopy); default: the model's own setting",
     )
+
+
+def _add_nproc(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--nproc", type=_int_at_least(1), default=1, metavar="N", help=help)
 
 
 def _tta_option(args: argparse.Namespace) -> dict:
@@ -537,9 +584,12 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0), or a bad command line (its one line is printed)
         return exc.code if isinstance(exc.code, int) else 2
     _setup_logging(args.verbose)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for --nproc's workers
     try:
         return args.func(args)
     except DensesegError as exc:
+        if getattr(exc, "quiet", False):  # a rank that another rank's failure stopped
+            return exc.exit_code
         return _fail(_one_line(exc), getattr(exc, "exit_code", 2))
     except BrokenPipeError:  # `denseseg models | head -1`: the reader had enough
         sys.stdout = open(os.devnull, "w")  # nothing more may reach the closed pipe
