@@ -43,7 +43,9 @@ def load_model(
     """
     if not _is_checkpoint_file(path):
         if ema:
-            raise CheckpointError(f"{path} is a packed model: it has one set of weights, no EMA")
+            raise CheckpointError(
+                f"{path} is a packed model: it has one set of weights, no EMA; leave out --ema"
+            )
         return load_builtin(str(path), device=device, **segmenter_kwargs)
     ckpt, model = model_from_checkpoint(
         path,

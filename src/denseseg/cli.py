@@ -85,6 +85,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launches(args: argparse.Namespace) -> bool:
+    """Whether this process is about to start ``--nproc`` processes (not one of them)."""
+    from denseseg.engine import distributed
+
+    return args.nproc != 1 and distributed.torchrun_local_world_size() is None
+
+
 def _on_processes(args: argparse.Namespace) -> int | None:
     """``--nproc N``: this command line run again by N processes of this machine (torchrun's
     launcher), and their exit status; None where this process does the work itself (one
@@ -115,6 +122,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_out_folder(out, f"--out {out}")
     _refuse_out_in_dataset(out, args.root, args.split)
     options = _reader_options(args.option)
+    if _launches(args):  # the model is checked once, before N processes start
+        load_model(args.model, device="cpu", ema=args.ema, **_tta_option(args))
     launched = _on_processes(args)
     if launched is not None:
         return launched
@@ -166,21 +175,19 @@ def _check_json_path(path: str | None) -> None:
 # ---------------------------------------------------------------------------- predict
 def cmd_predict(args: argparse.Namespace) -> int:
     from denseseg.api import load_model
-    from denseseg.engine.predict import predict_folder
+    from denseseg.engine.predict import check_outputs, predict_folder
 
+    fast = {"fast": True} if args.fast else {}
+    kwargs = {"ema": args.ema, "threshold": args.threshold, **fast, **_tta_option(args)}
+    options = {"alpha": args.alpha, "probs": args.probs, "overwrite": args.overwrite}
+    if _launches(args):  # the model and the outputs are checked once, before N processes start
+        check = load_model(args.model, device="cpu", **kwargs)
+        check_outputs(check, args.input, args.out, probs=args.probs, overwrite=args.overwrite)
+        del check
     launched = _on_processes(args)
     if launched is not None:
         return launched
-    fast = {"fast": True} if args.fast else {}
-    seg = load_model(
-        args.model,
-        device=args.device,
-        ema=args.ema,
-        threshold=args.threshold,
-        **fast,
-        **_tta_option(args),
-    )
-    options = {"alpha": args.alpha, "probs": args.probs, "overwrite": args.overwrite}
+    seg = load_model(args.model, device=args.device, **kwargs)
     done = predict_folder(seg, args.input, args.out, batch_size=args.batch_size, **options)
     out, n = Path(args.out), len(done.inputs)
     if done.results is not None:  # an instance model

@@ -156,7 +156,7 @@ class TrainCfg:
     # Mixed precision (denseseg.engine.precision): auto is bfloat16 autocast on GPUs that have
     # it, float16 with a gradient scaler on older CUDA GPUs, float32 on a CPU.
     precision: str = "auto"
-    amp: bool = True  # the old spelling: false means precision fp32
+    amp: bool = True  # the old spelling: false makes precision auto mean fp32
     channels_last: bool = False
     compile: bool = False  # torch.compile of the model for the training steps
     accumulate: int = 1  # batches whose gradients are summed into one optimiser step

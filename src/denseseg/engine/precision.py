@@ -4,9 +4,9 @@
 older CUDA GPUs, and float32 elsewhere; ``bf16`` on a CPU runs the convolutions and matrix
 products in bfloat16 while the weights, the optimiser and the loss stay float32, as autocast
 does on CUDA; it pays only on CPUs with bfloat16 instructions (AVX512-BF16, AMX): elsewhere it
-is emulated and several times slower than float32, and a warning says so. ``fp16`` needs CUDA: its gradient scaler
-is what keeps small gradients from vanishing. See ``benchmarks/train_speed.md`` for what each
-costs and gains.
+is emulated and several times slower than float32, and a warning says so. ``fp16`` needs
+CUDA: its gradient scaler is what keeps small gradients from vanishing. See
+``benchmarks/train_speed.md`` for what each costs and gains.
 """
 
 from __future__ import annotations

@@ -149,6 +149,20 @@ def predict_folder(
     return Predictions(files, [*written, out / "results_images.json", results], results)
 
 
+def check_outputs(
+    predictor: Segmenter | InstanceSegmenter,
+    source: str | Path,
+    out: str | Path,
+    *,
+    probs: bool = False,
+    overwrite: bool = False,
+) -> None:
+    """The checks :func:`predict_folder` makes before writing anything (inputs, output names,
+    files in the way), for a launcher to make before it starts processes; creates ``out``."""
+    instance = getattr(predictor, "task", "semantic") == "instance"
+    _check_plan(Path(source), Path(out), instance, probs, overwrite)
+
+
 def shard_files(files: Sequence[Path], rank: int, world: int) -> list[Path]:
     """Rank ``rank``'s share of ``world`` processes: every ``world``-th input from ``rank`` on,
     so that every input is segmented (and each output written) by exactly one rank."""

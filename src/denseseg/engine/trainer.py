@@ -164,7 +164,7 @@ class Trainer:
             parts = {n: getattr(self, n) for n in ("model", "optimizer", "scheduler", "scaler")}
             if self.ema is not None:
                 parts["ema"] = self.ema
-            sharding = (self.batch_size * self.accumulate, self.world)
+            sharding = (self.batch_size, self.world, self.accumulate)
             _restore(
                 ckpt_path,
                 self.device,
@@ -519,21 +519,26 @@ def _per_process_batch(batch_size: int, n: int, world: int, accumulate: int = 1)
     return min(batch_size, n // (world * accumulate))
 
 
-def _check_global_batch(path: Path, ckpt: dict, batch_size: int, world: int) -> None:
-    """A run may resume on another number of processes if the global batch stays the same
-    (the same samples at each step, re-sharded)."""
+def _check_global_batch(
+    path: Path, ckpt: dict, batch_size: int, world: int, accumulate: int = 1
+) -> None:
+    """A run may resume on another number of processes (or batches per step) if the global
+    batch stays the same (the same samples at each step, re-sharded)."""
     was, global_batch = ckpt.get("world_size", 1), ckpt.get("global_batch")
-    if was == world or not isinstance(global_batch, int) or global_batch == batch_size * world:
+    now = batch_size * world * accumulate
+    if was == world or not isinstance(global_batch, int) or global_batch == now:
         return
+    per_step = world * accumulate
     hint = (
-        f"set data.batch_size={global_batch // world}"
-        if global_batch % world == 0
-        else f"use a number of processes that divides {global_batch}"
+        f"set data.batch_size={global_batch // per_step}"
+        if global_batch % per_step == 0
+        else f"use a number of processes x train.accumulate that divides {global_batch}"
     )
+    made = f"data.batch_size={batch_size} on {world} process(es)"
+    made += f" x train.accumulate={accumulate}" if accumulate > 1 else ""
     raise ConfigError(
-        f"{path} was trained on {was} processes with global batch {global_batch}; "
-        f"data.batch_size={batch_size} on {world} processes makes {batch_size * world}; "
-        f"{hint} to resume it"
+        f"{path} was trained with global batch {global_batch} ({was} process(es)); "
+        f"{made} makes {now}; {hint} to resume it"
     )
 
 
@@ -550,11 +555,11 @@ def _restore(
     model_kwargs: dict,
     parts: dict[str, Any],
     state: dict[str, Any],
-    sharding: tuple[int, int] = (1, 1),
+    sharding: tuple[int, int, int] = (1, 1, 1),
 ) -> None:
     """Load a run's state from ``path`` into ``parts`` (model, optimiser, ...) and ``state``;
-    anything that does not fit this recipe (or its ``sharding``: per-process batch and number
-    of processes) ends in one line naming the file."""
+    anything that does not fit this recipe (or its ``sharding``: per-process batch, number of
+    processes, batches per step) ends in one line naming the file."""
     ckpt = load_checkpoint(path, map_location=device)
     _check_global_batch(path, ckpt, *sharding)
     if ckpt.get("model_name") != model_name:
@@ -569,6 +574,13 @@ def _restore(
             f"{path} was trained with other model options ({', '.join(keys)}: "
             f"{[saved.get(k) for k in keys]} there, {[model_kwargs.get(k) for k in keys]} now); "
             "resume with the recipe's model.kwargs unchanged"
+        )
+    if "ema" in ckpt and "ema" not in parts:
+        log.warning(
+            "%s holds a moving average of the weights (train.ema: %s); this run has train.ema "
+            "null and drops it: its checkpoints keep the raw weights only",
+            path,
+            ckpt["ema"].get("decay") if isinstance(ckpt["ema"], dict) else "?",
         )
     if "ema" in parts and "ema" not in ckpt:  # train.ema switched on for the rest of a run
         log.warning("%s holds no EMA of the weights: it starts from the resumed weights", path)

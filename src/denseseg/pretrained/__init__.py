@@ -241,7 +241,7 @@ def pack(
             f", more than the {max_bytes / 2**20:.0f} MiB a built-in model may take; train a "
             "smaller model (fewer channels) or pack with fp16"
         )
-    meta = _meta_from_checkpoint(ckpt, name, checkpoint_path, fp16)
+    meta = _meta_from_checkpoint(ckpt, name, checkpoint_path, fp16, ema)
     if precise_bn:
         meta["provenance"]["precise_bn_batches"] = int(precise_bn)
     meta["sha256"] = hashlib.sha256(blob).hexdigest()
@@ -308,7 +308,7 @@ def _precise_bn_state(
 
 
 def _meta_from_checkpoint(
-    ckpt: dict[str, Any], name: str, source: str | os.PathLike, fp16: bool
+    ckpt: dict[str, Any], name: str, source: str | os.PathLike, fp16: bool, ema: bool = False
 ) -> dict[str, Any]:
     meta: dict[str, Any] = {"format": FORMAT, "name": name}
     meta.update({k: ckpt[k] for k in _META_KEYS if k in ckpt})
@@ -320,8 +320,11 @@ def _meta_from_checkpoint(
     meta["segmenter"] = {"mode": "whole", "tile_size": None, "tta": "none"}
     config = ckpt.get("config") or {}
     metrics = ckpt.get("metrics") or {}
+    if ema:  # the scores of the weights packed: the moving average's
+        metrics = metrics.get("ema") if isinstance(metrics.get("ema"), dict) else {}
     meta["provenance"] = {
         "checkpoint": Path(source).name,
+        "weights": f"EMA (train.ema: {ckpt['ema'].get('decay')})" if ema else "trained",
         "steps": ckpt.get("step"),
         "recipe": config,
         "val_metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
