@@ -124,6 +124,7 @@ def test_bf16_on_a_cpu_without_bfloat16_instructions_warns(monkeypatch, caplog) 
 
 def test_bf16_runs_convolutions_in_bfloat16_and_keeps_float32_weights(data, tmp_path) -> None:
     trainer = Trainer(_cfg(data, tmp_path, "train.precision=bf16"), tmp_path)
+    assert trainer.model.training  # run_step straight away trains, as in the loop
     seen: list[torch.dtype] = []
     conv = next(m for m in trainer.model.modules() if isinstance(m, nn.Conv2d))
     conv.register_forward_hook(lambda m, i, out: seen.append(out.dtype))

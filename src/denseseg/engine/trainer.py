@@ -184,6 +184,7 @@ class Trainer:
         self.saved_step = self.step if ckpt_path == out / "last.pt" else None
         self.loss, self.stopped, self.stop = float("nan"), False, StopOnSignal()
         self.hooks: list[HookBase] = default_hooks(self)
+        self.model.train()  # the predictor put it in eval mode; run_step may come first
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
