@@ -42,6 +42,7 @@ __all__ = [
     "is_main",
     "local_device",
     "process_group",
+    "quiet_unless_main",
     "rank",
     "run_torchrun",
     "shard",
@@ -159,6 +160,19 @@ def convert_sync_bn(model: nn.Module, device: torch.device) -> nn.Module:
     n = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     log.info("model.sync_bn: %d batch norm layers synchronised over %d processes", n, world_size())
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+@contextlib.contextmanager
+def quiet_unless_main() -> Iterator[None]:
+    """For the block, ranks other than 0 log errors only (denseseg's logger)."""
+    logger = logging.getLogger("denseseg")
+    level = logger.level
+    if not is_main():
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def broadcast_object(obj: T) -> T:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -199,15 +198,8 @@ def inference_group(predictor: Any) -> Iterator[None]:
     if device != predictor.device:
         predictor.model.to(device)
         predictor.device = device
-    log = logging.getLogger("denseseg")
-    level = log.level
-    with dist.process_group(device):
-        if not dist.is_main():
-            log.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            log.setLevel(level)
+    with dist.process_group(device), dist.quiet_unless_main():
+        yield
 
 
 def run_eval(

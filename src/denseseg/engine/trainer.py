@@ -86,7 +86,7 @@ def train(
         ``{"out_dir", "step", "best_mIoU", "metrics" (last evaluation), "checkpoint"}``;
         instance models give ``best_segm_AP`` (COCO mask AP) instead of ``best_mIoU``.
     """
-    with dist.process_group(resolve_device(cfg.train.device)), _quiet_unless_main():
+    with dist.process_group(resolve_device(cfg.train.device)), dist.quiet_unless_main():
         with _locked_run_folder(cfg.train.out_dir) as out:
             trainer = Trainer(cfg, out, _resume_path(out, resume))
             trainer.hooks += list(hooks)
@@ -107,18 +107,6 @@ def _locked_run_folder(out_dir: str):
             log.info("removed %s, left by a save that was killed", stale.name)
         dist.barrier()
         yield out
-
-
-@contextlib.contextmanager
-def _quiet_unless_main():
-    """Ranks other than 0 log errors only."""
-    level = log.level
-    if not dist.is_main():
-        log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
 
 
 class _LoaderStopped(Exception):
