@@ -451,3 +451,17 @@ def test_a_rank_that_fails_stops_the_job_with_one_line(tmp_path) -> None:
     for noise in ("Traceback", "ChildFailedError", "torch.distributed", "[rank"):
         assert noise not in text, text
     assert stopped_in < 20, f"{stopped_in:.1f} s from the error to the end"
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch) -> None:
+    """Local rank 1 of 2 on a machine with one visible GPU: refused before NCCL is touched."""
+    from denseseg.engine import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("set_device reached"))
+    with pytest.raises(ConfigError, match="2 processes on this machine but 1 visible GPU"):
+        with distributed.process_group(torch.device("cuda")):
+            pass

@@ -98,6 +98,7 @@ def process_group(device: torch.device) -> Iterator[None]:
         yield
         return
     if device.type == "cuda":
+        _check_gpu_count(local_device(device))
         torch.cuda.set_device(local_device(device))
         dist.init_process_group("nccl", device_id=local_device(device))
     else:
@@ -113,6 +114,17 @@ def process_group(device: torch.device) -> Iterator[None]:
         raise
     finally:
         dist.destroy_process_group()
+
+
+def _check_gpu_count(device: torch.device) -> None:
+    """One process per GPU: a local rank beyond the visible GPUs is one clear error."""
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ConfigError(
+            f"{os.environ.get('LOCAL_WORLD_SIZE', '?')} processes on this machine but {count} "
+            "visible GPU(s): one process per GPU; lower --nproc (--nproc_per_node) or use "
+            "--device cpu / train.device=cpu"
+        )
 
 
 class AnotherRankFailed(DensesegError):
