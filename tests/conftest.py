@@ -110,3 +110,10 @@ def save_em_checkpoint(path: Path, model_name: str, **kwargs: object) -> Path:
     }
     atomic_save(ckpt, path)
     return path
+
+
+@pytest.fixture
+def nondeterministic_afterwards():
+    """Tests that train with ``train.deterministic=true`` leave torch's global switch off."""
+    yield
+    torch.use_deterministic_algorithms(False)

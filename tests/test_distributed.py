@@ -48,10 +48,7 @@ COMMON = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _nondeterministic_afterwards():
-    yield
-    torch.use_deterministic_algorithms(False)
+pytestmark = pytest.mark.usefixtures("nondeterministic_afterwards")
 
 
 def _env() -> dict[str, str]:

@@ -36,10 +36,7 @@ COMMON = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _nondeterministic_afterwards():
-    yield
-    torch.use_deterministic_algorithms(False)
+pytestmark = pytest.mark.usefixtures("nondeterministic_afterwards")
 
 
 @pytest.fixture(scope="module")

@@ -39,10 +39,7 @@ PLAIN = [
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _nondeterministic_afterwards():
-    yield
-    torch.use_deterministic_algorithms(False)
+pytestmark = pytest.mark.usefixtures("nondeterministic_afterwards")
 
 
 @pytest.fixture(scope="module")

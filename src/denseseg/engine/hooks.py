@@ -126,12 +126,10 @@ class PreciseBNHook(HookBase):
         tc = trainer.cfg.train
         seed = tc.seed * 1_000_003 + trainer.step
         batches = calibration_batches(trainer.data.dataset, tc.precise_bn, trainer.batch_size, seed)
-        recompute_bn_stats(trainer.model, batches, trainer.device)
-        if trainer.ema is not None:
-            batches = calibration_batches(
-                trainer.data.dataset, tc.precise_bn, trainer.batch_size, seed
-            )
+        if trainer.ema is not None:  # the same batches for the EMA, read and augmented once
+            batches = list(batches)
             recompute_bn_stats(trainer.ema.module, batches, trainer.device)
+        recompute_bn_stats(trainer.model, batches, trainer.device)
 
 
 class EvalHook(HookBase):
