@@ -25,4 +25,4 @@ def test_fast_path_matches_eager(name: str) -> None:
         a, b = eager.predict_proba(image), fast.predict_proba(image)
         assert a.shape == b.shape == (4, *size)
         assert torch.allclose(a, b, atol=1e-4)
-    assert len(fast._traces) == 2  # one trace per input shape
+    assert len(fast.runtime) == 2  # one trace per input shape

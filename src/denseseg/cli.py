@@ -123,11 +123,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _refuse_out_in_dataset(out, args.root, args.split)
     options = _reader_options(args.option)
     if _launches(args):  # the model is checked once, before N processes start
-        load_model(args.model, device="cpu", ema=args.ema, **_tta_option(args))
+        load_model(args.model, device="cpu", ema=args.ema, **_inference_options(args))
     launched = _on_processes(args)
     if launched is not None:
         return launched
-    seg = load_model(args.model, device=args.device, ema=args.ema, **_tta_option(args))
+    seg = load_model(args.model, device=args.device, ema=args.ema, **_inference_options(args))
     written = run_eval(
         seg,
         args.dataset,
@@ -177,8 +177,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from denseseg.api import load_model
     from denseseg.engine.predict import check_outputs, predict_folder
 
-    fast = {"fast": True} if args.fast else {}
-    kwargs = {"ema": args.ema, "threshold": args.threshold, **fast, **_tta_option(args)}
+    kwargs = {"ema": args.ema, "threshold": args.threshold, **_inference_options(args)}
     options = {"alpha": args.alpha, "probs": args.probs, "overwrite": args.overwrite}
     if _launches(args):  # the model and the outputs are checked once, before N processes start
         check = load_model(args.model, device="cpu", **kwargs)
@@ -424,7 +423,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--device", default="auto")
     _add_ema(e)
-    _add_tta(e)
+    _add_inference_options(e)
     _add_nproc(e, "evaluate on N processes of this machine (torchrun), each a share of the split")
     e.set_defaults(func=cmd_eval)
 
@@ -448,9 +447,6 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         help="checkpoint (.pt) or built-in model name (default: camvid, the built-in street model)",
     )
     r.add_argument(
-        "--fast", action="store_true", help="frozen TorchScript traces: the fastest CPU path"
-    )
-    r.add_argument(
         "--out", type=_path, default="runs/predict", help="output folder, outside the input folder"
     )
     r.add_argument("--probs", action="store_true", help="also save class probabilities (.npy)")
@@ -464,7 +460,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     )
     r.add_argument("--device", default="auto")
     _add_ema(r)
-    _add_tta(r)
+    _add_inference_options(r)
     _add_nproc(r, "segment on N processes of this machine (torchrun), each a share of the images")
     r.set_defaults(func=cmd_predict)
 
@@ -571,6 +567,63 @@ def _add_nproc(parser: argparse.ArgumentParser, help: str) -> None:
 
 def _tta_option(args: argparse.Namespace) -> dict:
     return {"tta": args.tta} if args.tta else {}
+
+
+def _add_inference_options(parser: argparse.ArgumentParser) -> None:
+    """The Segmenter's options shared by predict and eval (and serve): where the forward pass
+    runs, how images are covered, test-time augmentation. Each defaults to the model's own
+    setting (None here: not passed on)."""
+    from denseseg.inference.runtimes import BACKENDS
+    from denseseg.inference.segmenter import MODES
+
+    _add_tta(parser)
+    parser.add_argument(
+        "--backend",
+        default=None,
+        choices=BACKENDS,
+        help="where the forward pass runs (default torch; onnxruntime and openvino need the "
+        "extras denseseg[onnx] / denseseg[openvino])",
+    )
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="the fastest torch path measured for this model (denseseg benchmark), else a "
+        "frozen TorchScript trace",
+    )
+    parser.add_argument(
+        "--precision", default=None, choices=("fp32", "bf16"), help="bf16: bfloat16 autocast"
+    )
+    parser.add_argument(
+        "--mode", default=None, choices=MODES, help="how images are covered (default: the model's)"
+    )
+    parser.add_argument(
+        "--crop-size",
+        type=_int_at_least(1),
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="window side(s) for --mode slide (H [W]), tile side(s) for overlap_tile",
+    )
+    parser.add_argument(
+        "--stride",
+        type=_int_at_least(1),
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="window step(s) for --mode slide (H [W]); default two thirds of the window",
+    )
+
+
+def _inference_options(args: argparse.Namespace) -> dict:
+    """The Segmenter options the user gave on the command line (the rest stay the model's)."""
+    options = _tta_option(args)
+    if getattr(args, "fast", False):
+        options["fast"] = True
+    for name in ("backend", "precision", "mode", "crop_size", "stride"):
+        value = getattr(args, name, None)
+        if value is not None:
+            options[name] = value[0] if isinstance(value, list) and len(value) == 1 else value
+    return options
 
 
 def _dataset_names() -> tuple[str, ...]:

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from denseseg.data.palette import default_palette
 from denseseg.errors import ConfigError, DataError
-from denseseg.inference.fast import FrozenTraces
+from denseseg.inference.runtimes import make_runtime
 
 MODES = ("whole", "overlap_tile")
 TTA = ("none", "hflip", "d4")
@@ -101,6 +101,9 @@ class Segmenter:
             call; see :mod:`denseseg.inference.fast`): the fastest path on a CPU, for deployment.
         tta: test-time augmentation, ``"none"``, ``"hflip"`` or ``"d4"`` (see the module
             docstring); costs 1, 2 or 8 passes.
+        backend: where the forward pass runs, ``"torch"``, ``"onnxruntime"`` or
+            ``"openvino"`` (see :mod:`denseseg.inference.runtimes`).
+        precision: ``"fp32"`` or ``"bf16"`` (bfloat16 autocast where the device supports it).
     """
 
     def __init__(
@@ -120,11 +123,14 @@ class Segmenter:
         tile_size: int | Sequence[int] | None = None,
         fast: bool = False,
         tta: str = "none",
+        backend: str = "torch",
+        precision: str = "fp32",
     ) -> None:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.fast = bool(fast)
-        self._traces: FrozenTraces | None = None
+        self.backend = backend
+        self.precision = precision
         out_channels = int(getattr(model, "num_classes", 0) or 0)
         self.binary = out_channels == 1
         n = 2 if self.binary else out_channels
@@ -153,6 +159,14 @@ class Segmenter:
                 f"unknown test-time augmentation tta={tta!r}; choose {', '.join(TTA)}"
             )
         self.tta = tta
+        self.runtime = make_runtime(
+            self.model,
+            self.device,
+            backend=backend,
+            fast=self.fast,
+            amp=self.amp,
+            precision=precision,
+        )
 
     # ---------------------------------------------------------------- preprocessing
     def preprocess(self, image: Tensor) -> Tensor:
@@ -221,12 +235,7 @@ class Segmenter:
         return torch.log(p)
 
     def _forward(self, x: Tensor) -> Tensor:
-        if self.fast and not self.amp:
-            if self._traces is None:
-                self._traces = FrozenTraces(self.model)
-            return self._traces(x)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            return self.model(x)["out"]
+        return self.runtime(x)
 
     def _tiled_logits(self, x: Tensor, tile_size: tuple[int, int] | None) -> Tensor:
         """Run a valid-padding model tile by tile over a mirror-padded ``x (N, C, H, W)``.
