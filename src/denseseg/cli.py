@@ -178,6 +178,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from denseseg.engine.predict import check_outputs, predict_folder
 
     kwargs = {"ema": args.ema, "threshold": args.threshold, **_inference_options(args)}
+    if _predicts_video(args):
+        return _predict_video(args, kwargs)
     options = {"alpha": args.alpha, "probs": args.probs, "overwrite": args.overwrite}
     if _launches(args):  # the model and the outputs are checked once, before N processes start
         check = load_model(args.model, device="cpu", **kwargs)
@@ -194,6 +196,53 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return 0
     what = "label maps, overlays and probabilities" if args.probs else "label maps and overlays"
     _say(f"wrote the {what} of {n} image(s) to {out}")
+    return 0
+
+
+def _predicts_video(args: argparse.Namespace) -> bool:
+    """Whether ``predict``'s input is a video file (by its suffix); refuses ``--frames``
+    with images."""
+    from denseseg.engine.video import VIDEO_EXTS, is_video
+
+    if is_video(args.input):
+        return True
+    if args.frames:
+        raise ConfigError(
+            f"--frames is for a video input ({', '.join(VIDEO_EXTS[:6])}, ...); each image gets "
+            "its label map without it"
+        )
+    return False
+
+
+def _predict_video(args: argparse.Namespace, kwargs: dict) -> int:
+    """``denseseg predict VIDEO``: the overlay video and, with ``--frames``, the label maps."""
+    from denseseg.api import load_model
+    from denseseg.engine import distributed
+    from denseseg.engine.video import predict_video, require_av
+
+    if args.nproc != 1 or distributed.torchrun_local_world_size() is not None:
+        raise ConfigError("a video is segmented by one process: run it without --nproc/torchrun")
+    if args.probs:
+        raise ConfigError(
+            "--probs is for images; a video gets an overlay video and, with --frames, a label "
+            "map per frame"
+        )
+    require_av()  # before the model loads
+    seg = load_model(args.model, device=args.device, **kwargs)
+    done = predict_video(
+        seg,
+        args.input,
+        args.out,
+        batch_size=args.batch_size,
+        alpha=args.alpha,
+        frames=args.frames,
+        overwrite=args.overwrite,
+    )
+    maps = f" and {done.frames} label maps in {done.frames_dir}" if done.frames_dir else ""
+    _say(
+        f"wrote {done.video}{maps}: {done.frames} frames in {done.seconds:.1f} s "
+        f"({done.frames_per_second:.1f} frames/s)"
+    )
     return 0
 
 
@@ -431,16 +480,17 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser(
         "predict",
-        help="segment an image or a folder of images",
+        help="segment an image, a folder of images or a video",
         description="Segment an image or the images of a folder (hidden files skipped). Each "
         "input STEM.EXT gets STEM.png (palette label map), STEM_overlay.png and, with --probs, "
         "STEM_probs.npy in --out; an instance model gives STEM_instances.png and results.json. "
         "Two inputs that would share an output name (a.png and a.jpg; b.png and "
         "b_overlay.png) are refused, naming both, and so is an --out that is, or lies inside, "
         "the input folder: no input file is ever overwritten. Files already in --out are "
-        "replaced only with --overwrite.",
+        "replaced only with --overwrite. A video (.mp4, .mov, .mkv, .webm, .avi, ...; needs "
+        "denseseg[video]) gives STEM_overlay.mp4 and, with --frames, STEM_frames/NNNNNN.png.",
     )
-    r.add_argument("input", help="image file or folder")
+    r.add_argument("input", help="image file, folder of images, or video file")
     r.add_argument(
         "--model",
         default="camvid",
@@ -450,6 +500,11 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "--out", type=_path, default="runs/predict", help="output folder, outside the input folder"
     )
     r.add_argument("--probs", action="store_true", help="also save class probabilities (.npy)")
+    r.add_argument(
+        "--frames",
+        action="store_true",
+        help="video input: also write each frame's label map (STEM_frames/NNNNNN.png)",
+    )
     r.add_argument(
         "--overwrite", action="store_true", help="replace files of the same names in --out"
     )
