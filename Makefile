@@ -3,7 +3,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format bench
+.PHONY: demo test test-fast test-all lint format bench
 
 # Create the virtual environment if missing and install the package with its dev extras,
 # pinned to the versions we test with (constraints.txt). Re-runs when those files change.
@@ -20,10 +20,14 @@ demo: $(STAMP)
 	$(VENV)/bin/denseseg demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not heavy"
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not heavy"
+
+# Everything, the full-size models' export and backend checks included (about 25 minutes).
+test-all: $(STAMP)
+	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

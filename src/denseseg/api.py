@@ -26,8 +26,10 @@ def load_model(
     Both go through :func:`denseseg.inference.build.build_predictor`, as the trainer does.
 
     Args:
-        path: a checkpoint written by ``denseseg train`` (``last.pt``, ``best.pt``) or a
-            built-in model name.
+        path: a checkpoint written by ``denseseg train`` (``last.pt``, ``best.pt``), a
+            built-in model name, or an ONNX file written by ``denseseg export`` (run with
+            ONNX Runtime, or OpenVINO with ``backend="openvino"``; its stored inference
+            defaults apply).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         ema: use the moving average of the weights a checkpoint keeps (``train.ema``).
         **segmenter_kwargs: passed on to :class:`Segmenter` (e.g. ``threshold``, ``mode``).
@@ -41,6 +43,8 @@ def load_model(
             weights do not fit the model options stored beside them.
         ConfigError: semantic inference options given for an instance model.
     """
+    if str(path).lower().endswith(".onnx") and Path(path).is_file():
+        return _load_onnx(path, device, ema, **segmenter_kwargs)
     if not _is_checkpoint_file(path):
         if ema:
             raise CheckpointError(
@@ -54,6 +58,17 @@ def load_model(
         ema=ema,
     )
     return build_predictor(model, {**ckpt, "checkpoint": str(path)}, device, **segmenter_kwargs)
+
+
+def _load_onnx(path: str | Path, device: str | torch.device, ema: bool, **options) -> Predictor:
+    """A Segmenter running an ONNX file of ``denseseg export`` (ONNX Runtime or OpenVINO)."""
+    from denseseg.inference.onnx_backends import load_onnx
+
+    if ema:
+        raise CheckpointError(
+            f"{path} is an exported ONNX file: it has one set of weights, no EMA; leave out --ema"
+        )
+    return load_onnx(path, device, **options)
 
 
 def _is_checkpoint_file(path: str | Path) -> bool:

@@ -22,6 +22,7 @@ from denseseg.errors import ConfigError, DensesegError
 
 if TYPE_CHECKING:
     from denseseg.config import DataCfg
+    from denseseg.inference import Segmenter
 
 log = logging.getLogger("denseseg")
 
@@ -257,9 +258,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_pack(args: argparse.Namespace) -> int:
     from denseseg.pretrained import pack
 
-    extra: dict = {
-        "segmenter": {"mode": args.mode, "tile_size": args.tile_size, "tta": args.tta or "none"}
-    }
+    extra: dict = {"segmenter": _pack_segmenter(args)}
     if args.note:
         extra["provenance"] = {"note": args.note}
     files = pack(
@@ -278,11 +277,136 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from denseseg.api import load_model
+    from denseseg.inference.export import (
+        check_export_target,
+        default_export_path,
+        export_model,
+        segmenter_meta,
+    )
+
+    out = Path(args.out) if args.out else default_export_path(args.model, args.format)
+    check_export_target(out, args.overwrite)  # before the slow part
+    seg = load_model(args.model, device="cpu", ema=args.ema)
+    written = export_model(
+        seg.model,
+        segmenter_meta(seg) if hasattr(seg, "mean") else dict(seg.meta),
+        out,
+        args.format,
+        opset=args.opset,
+        with_preprocess=args.with_preprocess,
+        labels=args.labels,
+        overwrite=args.overwrite,
+    )
+    _say(f"wrote {written} ({written.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+def _pack_segmenter(args: argparse.Namespace) -> dict:
+    """The inference settings ``pack`` stores: ``--crop-size`` is the tile side of
+    overlap_tile (stored as ``tile_size``) or the window of slide (with ``--stride``)."""
+    options = _inference_options(args)  # crop_size / stride: an int, or [height, width]
+    crop, stride = options.get("crop_size"), options.get("stride")
+    seg: dict = {"mode": args.mode, "tile_size": None, "tta": args.tta or "none"}
+    for name, value in (("--crop-size", crop), ("--stride", stride)):
+        if isinstance(value, list) and len(value) > 2:
+            raise ConfigError(f"{name} takes one or two sides (H [W]), got {len(value)}")
+    if args.mode != "slide" and stride is not None:
+        raise ConfigError("--stride applies to --mode slide only; leave it out")
+    if args.mode == "whole" and crop is not None:
+        raise ConfigError("--crop-size applies to --mode slide or overlap_tile; leave it out")
+    if args.mode == "overlap_tile":
+        seg["tile_size"] = crop
+    elif args.mode == "slide":
+        seg.update(crop_size=crop, stride=stride)
+    return seg
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from denseseg.models import list_models
 
     _say("\n".join(list_models()))
     return 0
+
+
+# ---------------------------------------------------------------------------- benchmark
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from denseseg.data.io import read_image
+    from denseseg.engine.benchmark import benchmark, markdown_table, save_json
+    from denseseg.pretrained import store_fast
+
+    _check_json_path(args.json)
+    packed = _packed_model(args.model)
+    if args.save and packed is None:
+        raise ConfigError(
+            f"--save stores the fastest path in a packed model's JSON; {args.model} is not a "
+            "built-in model name or a NAME.json (denseseg pack makes one from a checkpoint)"
+        )
+    seg = _benchmark_segmenter(args, packed)
+    result = benchmark(
+        seg,
+        size=tuple(args.size),
+        batch=args.batch,
+        runs=args.runs,
+        warmup=args.warmup,
+        paths=args.paths,
+        reference=args.reference,
+        threads=args.threads,
+        image=read_image(args.image) if args.image else None,
+        name=args.model,
+    )
+    _say(markdown_table(result))
+    if args.json:
+        save_json(result, args.json)
+        _say(f"wrote {args.json}")
+    if args.save:
+        fastest = result["fastest"]
+        if fastest is None:
+            raise ConfigError("no torch path met the agreement thresholds; nothing stored")
+        assert packed is not None
+        written = store_fast(packed[0], fastest, packed[1])
+        _say(f"stored the fastest path, {fastest['path']} {fastest['precision']}, in {written}")
+    return 0
+
+
+def _packed_model(model: str) -> tuple[str, Path | None] | None:
+    """``(name, folder)`` of a packed model given by name or as its NAME.json, else None."""
+    from denseseg.pretrained import builtin_files
+
+    path = Path(model)
+    if path.suffix.lower() == ".json" and path.is_file():
+        if not path.with_suffix(".safetensors").is_file():
+            raise ConfigError(f"{model}: no {path.stem}.safetensors beside it, not a packed model")
+        return path.stem, path.parent
+    if not path.is_file() and builtin_files(model) is not None:
+        return model, None
+    return None
+
+
+def _benchmark_segmenter(
+    args: argparse.Namespace, packed: tuple[str, Path | None] | None
+) -> Segmenter:
+    """The Segmenter benchmarked: a packed model, a checkpoint, or a registered architecture
+    with random weights (``--classes`` classes, ImageNet normalisation)."""
+    from denseseg.api import load_model
+    from denseseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from denseseg.inference import Segmenter
+    from denseseg.models import create_model, list_models
+    from denseseg.pretrained import load_builtin
+
+    if packed is not None:
+        seg = load_builtin(packed[0], device=args.device, directory=packed[1])
+    elif not Path(args.model).exists() and args.model in list_models():
+        model = create_model(args.model, num_classes=args.classes)
+        meta = {"model_name": args.model}
+        mean, std = IMAGENET_MEAN[: model.in_channels], IMAGENET_STD[: model.in_channels]
+        seg = Segmenter(model, mean=mean, std=std, device=args.device, meta=meta)
+    else:
+        seg = load_model(args.model, device=args.device)
+    if not isinstance(seg, Segmenter):
+        raise ConfigError(f"{args.model} is an instance model; benchmark measures semantic models")
+    return seg
 
 
 # ---------------------------------------------------------------------------- check-data, browse
@@ -416,7 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_check_data,
         _add_browse,
         _add_pack,
+        _add_export,
         _add_models,
+        _add_benchmark,
     ):
         add(sub)
     return p
@@ -555,6 +681,8 @@ def _add_browse(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_pack(sub: argparse._SubParsersAction) -> None:
+    from denseseg.inference.segmenter import MODES
+
     k = sub.add_parser("pack", help="package a checkpoint as a built-in model (developers)")
     k.add_argument("checkpoint", help="checkpoint (.pt) written by denseseg train")
     k.add_argument("name", help="built-in name, e.g. camvid")
@@ -572,9 +700,29 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
         "shipped in the package (camvid, isbi2012) from another folder",
     )
     k.add_argument("--fp32", action="store_true", help="keep float32 weights (default float16)")
-    k.add_argument("--mode", default="whole", choices=["whole", "overlap_tile"])
     k.add_argument(
-        "--tile-size", type=_int_at_least(1), default=None, help="tile side for overlap_tile"
+        "--mode",
+        default="whole",
+        choices=MODES,
+        help="how the model covers images by default: whole, slide (windows of --crop-size at "
+        "--stride, for models trained on crops) or overlap_tile (valid-padding U-Nets)",
+    )
+    k.add_argument(
+        "--crop-size",
+        "--tile-size",
+        type=_int_at_least(1),
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="window side(s) H [W] for --mode slide, tile side(s) for overlap_tile",
+    )
+    k.add_argument(
+        "--stride",
+        type=_int_at_least(1),
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="window step(s) H [W] for --mode slide; default two thirds of the window",
     )
     k.add_argument("--note", default=None, help="free text kept in the provenance")
     _add_tta(k, "test-time augmentation the built-in model uses by default (none)")
@@ -590,6 +738,38 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
     k.set_defaults(func=cmd_pack)
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from denseseg.inference.export import FORMATS
+
+    x = sub.add_parser(
+        "export", help="write a model as one ONNX, TorchScript or torch.export (pt2) file"
+    )
+    x.add_argument("model", help="built-in model name or checkpoint (.pt)")
+    x.add_argument("--format", default="onnx", choices=FORMATS, help="file format (onnx)")
+    x.add_argument(
+        "--out",
+        type=_path,
+        default=None,
+        help="file to write (default: MODEL_STEM.onnx / .ts / .pt2 in the current folder)",
+    )
+    x.add_argument(
+        "--opset", type=_int_at_least(7), default=None, help="ONNX opset (default: the exporter's)"
+    )
+    x.add_argument(
+        "--with-preprocess",
+        action="store_true",
+        help="input uint8 pixels, normalised inside the graph (default: normalised float32)",
+    )
+    x.add_argument(
+        "--labels",
+        action="store_true",
+        help="output int64 labels (N, H, W) instead of logits (N, K, H, W)",
+    )
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    _add_ema(x)
+    x.set_defaults(func=cmd_export)
+
+
 def _add_ema(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ema",
@@ -601,6 +781,62 @@ def _add_ema(p: argparse.ArgumentParser) -> None:
 def _add_models(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("models", help="list registered models")
     m.set_defaults(func=cmd_models)
+
+
+def _add_benchmark(sub: argparse._SubParsersAction) -> None:
+    from denseseg.engine.benchmark import DEFAULT_PATHS, PATHS
+
+    b = sub.add_parser(
+        "benchmark",
+        help="latency, images/s, memory and agreement of every inference path of a model",
+    )
+    b.add_argument(
+        "model",
+        help="built-in model name, packed NAME.json, checkpoint (.pt), or registered "
+        "architecture (random weights)",
+    )
+    b.add_argument(
+        "--size",
+        type=_BATCH,
+        nargs=2,
+        default=(512, 512),
+        metavar=("H", "W"),
+        help="input size (512 512)",
+    )
+    b.add_argument("--batch", type=_BATCH, default=1, metavar="N", help="images per call (1)")
+    b.add_argument(
+        "--threads", type=_BATCH, default=None, metavar="N", help="torch threads (default: torch's)"
+    )
+    b.add_argument("--runs", type=_BATCH, default=20, metavar="N", help="timed calls per path (20)")
+    b.add_argument(
+        "--warmup", type=_WORKERS, default=3, metavar="N", help="untimed calls per path (3)"
+    )
+    b.add_argument(
+        "--paths",
+        nargs="+",
+        choices=list(PATHS),
+        default=None,
+        metavar="PATH",
+        help=f"paths to measure, of {', '.join(PATHS)} (default: {' '.join(DEFAULT_PATHS)}); "
+        "eager is always measured",
+    )
+    b.add_argument(
+        "--reference",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time torchvision's own model with the same weights (default: when it has one)",
+    )
+    b.add_argument("--classes", type=_BATCH, default=21, help="classes of a random-weights model")
+    b.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    b.add_argument("--image", type=_path, default=None, help="measure on this image, resized")
+    b.add_argument("--json", type=_path, default=None, help="write the results to this file")
+    b.add_argument(
+        "--save",
+        action="store_true",
+        help="store the fastest torch path meeting the agreement thresholds in the packed "
+        "model's JSON, for --fast",
+    )
+    b.set_defaults(func=cmd_benchmark)
 
 
 def _add_tta(parser: argparse.ArgumentParser, help: str | None = None) -> None:

@@ -4,6 +4,9 @@ pictures and COCO results (instance models).
 :func:`predict_folder` is ``denseseg predict``: it lists the inputs, plans every output name and
 checks it against the inputs before the first write (:mod:`denseseg.engine.outputs`), then runs
 :func:`predict_semantic` or :func:`predict_instances`. Every file is written atomically.
+Images above :data:`~denseseg.engine.large_image.LARGE_IMAGE_PIXELS` pixels, with a Segmenter in
+``slide`` or ``overlap_tile`` mode, are segmented one at a time in bounded memory
+(:mod:`denseseg.engine.large_image`).
 
 Under ``torchrun`` (``torchrun --nproc_per_node N -m denseseg predict ...``) rank ``r`` segments
 the inputs ``r, r + N, ...`` of the sorted list and writes their outputs, each once; rank 0
@@ -28,7 +31,9 @@ from tqdm.auto import tqdm
 from denseseg.data import io as data_io
 from denseseg.data.palette import overlay
 from denseseg.engine import distributed as dist
+from denseseg.engine import large_image
 from denseseg.engine.evaluate import inference_group
+from denseseg.engine.large_image import is_large, predict_large_file
 from denseseg.engine.outputs import NoClobber, check_out_folder, plan_outputs, refuse_out_in_input
 from denseseg.errors import ConfigError, DataError, DensesegError
 from denseseg.inference.instance_segmenter import InstanceSegmenter
@@ -273,12 +278,19 @@ def predict_semantic(
         How many inputs were segmented.
     """
     check = before_write or (lambda path, source: None)
-    files = list(plan)
     probs = any(len(targets) > 2 for targets in plan.values())  # a third output: probabilities
+    large = _streamed_inputs(segmenter, list(plan), probs)
+    files = [path for path in plan if path not in large]
     bar = tqdm(
-        total=len(files), desc="predict", unit="img", dynamic_ncols=True, disable=not progress
+        total=len(plan), desc="predict", unit="img", dynamic_ncols=True, disable=not progress
     )
     with bar:
+        for path in large:  # one at a time, strip by strip (engine/large_image.py)
+            label_path, overlay_path = plan[path][:2]
+            predict_large_file(
+                segmenter, path, label_path, overlay_path, alpha=alpha, before_write=check
+            )
+            bar.update(1)
         for i in range(0, len(files), batch_size):
             chunk = files[i : i + batch_size]
             images = [data_io.read_image(p) for p in chunk]
@@ -296,7 +308,29 @@ def predict_semantic(
                     with data_io.atomic_write(probs_path[0], "probabilities") as fh:
                         np.save(fh, chunk_probs[k].numpy().astype(np.float16))
             bar.update(len(chunk))
-    return len(files)
+    return len(plan)
+
+
+def _streamed_inputs(segmenter: Segmenter, files: Sequence[Path], probs: bool) -> list[Path]:
+    """The inputs above :data:`~denseseg.engine.large_image.LARGE_IMAGE_PIXELS` pixels that go
+    the memory-bounded way (the Segmenter streams, no probabilities asked for); the others are
+    batched as usual."""
+    if segmenter.mode == "whole":
+        return []
+    large = [path for path in files if is_large(path)]
+    if large and (probs or not segmenter.streams() or segmenter.num_classes > 256):
+        why = "--probs asks for whole-image probabilities" if probs else f"tta={segmenter.tta}"
+        why = why if segmenter.num_classes <= 256 else "over 256 classes (no palette PNG)"
+        log.warning(
+            "%d image(s) above %d pixels (e.g. %s) are segmented whole-image in memory: %s; "
+            "tta none or hflip without --probs streams them strip by strip",
+            len(large),
+            large_image.LARGE_IMAGE_PIXELS,
+            large[0].name,
+            why,
+        )
+        return []
+    return large
 
 
 def coco_results(

@@ -1,39 +1,271 @@
-"""The fastest CPU inference path: a frozen TorchScript trace per input shape.
+"""Faster torch paths for inference, chosen by measurement (``denseseg benchmark``).
 
-``torch.jit.optimize_for_inference`` freezes the traced weights, folds batch norm into the
-convolutions before it, and lets oneDNN pick convolution layouts; on a CPU that is several times
-faster than eager PyTorch for the mobile networks (see ``benchmarks/inference_speed.py``). A trace
-records the input's shape (the models resize to it), so one trace is kept per shape.
+A path is how the torch model runs; each of them runs in float32 or under bfloat16 autocast
+(``precision="bf16"``):
+
+* ``"eager"``: the model as it is.
+* ``"channels_last"``: a copy of the model with batch norm folded into the convolution before
+  it (:func:`fold_batch_norm`), the auxiliary head dropped (its output is never used at
+  inference), weights and input in the channels-last (NHWC) memory format, which oneDNN's
+  convolutions prefer on CPUs.
+* ``"trace"``: a frozen TorchScript trace per input shape (:class:`FrozenTraces`):
+  ``torch.jit.optimize_for_inference`` freezes the weights, folds batch norm itself and lets
+  oneDNN pick the layouts. TorchScript is deprecated by PyTorch; the path stays while it is the
+  fastest somewhere.
+* ``"compile"``: ``torch.compile`` (Inductor) of the channels-last copy, one graph per input
+  shape (``dynamic=False``). Compiling takes from tens of seconds to minutes at the first call
+  of each new shape, so it happens only when asked for. Measured on the CamVid LR-ASPP at
+  360x480, one thread of a busy AVX2 EPYC (fastest of 15 calls): static shapes compiled in
+  17 s (28 s for a second shape) and ran at 101 ms; with Inductor's freezing (weights made
+  constants, prepacked for oneDNN) compiling took 72 s per shape for 104 ms, and
+  ``dynamic=True`` 153 s once for 117 ms. Freezing is used for bfloat16 alone, where it turns
+  autocast's per-call weight casts into constants.
+
+Every path captures the weights at its first call (a copy or a trace): build it from a trained
+model in eval mode, never while training.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections import OrderedDict
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.resnet import ResNet as TorchvisionResNet
+
+from denseseg.backbones.resnet import ResNetBackbone
+from denseseg.errors import ConfigError
+from denseseg.layers import ConvNormAct
+
+__all__ = [
+    "PATHS",
+    "PRECISIONS",
+    "ChannelsLastRuntime",
+    "CompiledRuntime",
+    "EagerRuntime",
+    "FrozenTraces",
+    "autocast_dtype",
+    "fold_batch_norm",
+    "inference_copy",
+    "torch_runtime",
+]
+
+PATHS = ("eager", "channels_last", "trace", "compile")
+PRECISIONS = ("fp32", "bf16")
+# Inductor options of the compile path per precision (see the module docstring); "freezing"
+# makes the weights constants (the runtime runs in no_grad), so bfloat16 casts of them fold.
+COMPILE_OPTIONS: dict[str, dict[str, bool]] = {"fp32": {}, "bf16": {"freezing": True}}
+
+# Modules whose forward applies ``bn`` directly (and only) to ``conv``'s output, by attribute
+# name: torchvision's ResNet blocks and stem, and denseseg's ResNet backbone.
+_NAMED_PAIRS: dict[type, tuple[tuple[str, str], ...]] = {
+    BasicBlock: (("conv1", "bn1"), ("conv2", "bn2")),
+    Bottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
+    ResNetBackbone: (("conv1", "bn1"),),
+    TorchvisionResNet: (("conv1", "bn1"),),
+}
 
 
-class _LogitsOnly(nn.Module):
-    # TorchScript traces tensors, not dicts: return the "out" entry alone.
-    def __init__(self, model: nn.Module) -> None:
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast type of ``precision`` (None: plain float32).
+
+    Raises:
+        ConfigError: an unknown precision, or bfloat16 on a device that lacks it.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ConfigError("precision bf16: this GPU has no bfloat16 support; use fp32")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"precision bf16 is not supported on {device.type}; use fp32")
+    return torch.bfloat16
+
+
+def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    return (
+        type(conv) is nn.Conv2d
+        and type(bn) is nn.BatchNorm2d
+        and bn.track_running_stats
+        and bn.running_mean is not None
+        and conv.out_channels == bn.num_features
+    )
+
+
+def _fold_named(module: nn.Module, pairs: tuple[tuple[str, str], ...]) -> int:
+    done = 0
+    for conv_name, bn_name in pairs:
+        conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+        if conv is not None and bn is not None and _foldable(conv, bn):
+            setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+            setattr(module, bn_name, nn.Identity())
+            done += 1
+    return done
+
+
+def _fold_sequence(seq: nn.Sequential) -> int:
+    done = 0
+    names = list(seq._modules)
+    for a, b in zip(names, names[1:]):
+        conv, bn = seq._modules[a], seq._modules[b]
+        if conv is not None and bn is not None and _foldable(conv, bn):
+            seq._modules[a] = fuse_conv_bn_eval(conv, bn)
+            seq._modules[b] = nn.Identity()
+            done += 1
+    return done
+
+
+def fold_batch_norm(model: nn.Module) -> int:
+    """Fold every batch norm that directly follows a convolution into it, in place.
+
+    ``BN(conv(x)) = conv'(x)`` with ``w' = w * g / sqrt(v + eps)`` and
+    ``b' = (b - m) * g / sqrt(v + eps) + beta`` (running statistics, eval mode;
+    :func:`torch.nn.utils.fusion.fuse_conv_bn_eval`); the batch norm becomes an ``Identity``.
+    Pairs are found where the structure guarantees the batch norm sees the convolution's output
+    and nothing else: consecutive children of an ``nn.Sequential`` run in order (its own forward,
+    or :class:`~denseseg.layers.ConvNormAct` and its subclasses, which call it), and the named
+    pairs of the ResNet blocks and stems (``conv1``/``bn1``, ...). Any other batch norm is left
+    as it is, so the result always computes the same function.
+
+    Args:
+        model: a model in eval mode (folding uses the running statistics).
+
+    Returns:
+        The number of batch norms folded.
+
+    Raises:
+        ValueError: ``model`` is in training mode.
+    """
+    if model.training:
+        raise ValueError("fold_batch_norm needs a model in eval mode (running statistics)")
+    done = 0
+    for module in list(model.modules()):
+        pairs = _NAMED_PAIRS.get(type(module))
+        if pairs is not None:
+            done += _fold_named(module, pairs)
+        sequential = type(module).forward is nn.Sequential.forward
+        if isinstance(module, nn.Sequential) and (sequential or isinstance(module, ConvNormAct)):
+            done += _fold_sequence(module)
+    return done
+
+
+def inference_copy(model: nn.Module, channels_last: bool = True) -> nn.Module:
+    """A copy of ``model`` for inference: eval mode, no gradients, no auxiliary head, batch
+    norm folded (:func:`fold_batch_norm`), weights channels-last when ``channels_last``.
+
+    The model itself is left untouched (the Segmenter keeps it, e.g. for the trainer).
+    """
+    out = copy.deepcopy(model).eval()
+    if getattr(out, "aux_head", None) is not None:
+        out.aux_head = None  # SegmentationModel computes it only when present
+    for p in out.parameters():
+        p.requires_grad_(False)
+    fold_batch_norm(out)
+    if channels_last:
+        out = out.to(memory_format=torch.channels_last)
+    return out
+
+
+class _Logits(nn.Module):
+    # The "out" entry alone (TorchScript traces and Inductor graphs take tensors, not dicts),
+    # in float32, computed under autocast when ``dtype`` is set.
+    def __init__(self, model: nn.Module, device_type: str, dtype: torch.dtype | None) -> None:
         super().__init__()
         self.model = model
+        self.device_type = device_type
+        self.dtype = dtype
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)["out"]
+        if self.dtype is None:
+            return self.model(x)["out"]
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            out = self.model(x)["out"]
+        return out.float()
+
+
+class EagerRuntime:
+    """Callable ``x (N, C, H, W) -> logits (N, K, H', W')``: the model called as it is.
+
+    Args:
+        model: the model, returning ``{"out": logits}``.
+        device: its device.
+        amp: float16 autocast (CUDA), the Segmenter's ``amp``; wins over ``precision``.
+        precision: ``"fp32"`` or ``"bf16"`` (bfloat16 autocast).
+    """
+
+    def __init__(
+        self, model: nn.Module, device: torch.device, amp: bool = False, precision: str = "fp32"
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.dtype = torch.float16 if amp else autocast_dtype(precision, device)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.dtype is None:
+            return self.model(x)["out"]
+        with torch.autocast(self.device.type, dtype=self.dtype):
+            out = self.model(x)["out"]
+        return out.float()
+
+
+class ChannelsLastRuntime:
+    """Callable ``x (N, C, H, W) -> logits (N, K, H', W')`` running :func:`inference_copy` of
+    the model (made at the first call) on a channels-last input.
+
+    Args:
+        model: the model, returning ``{"out": logits}``.
+        device: its device.
+        precision: ``"fp32"`` or ``"bf16"`` (autocast).
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device, precision: str = "fp32") -> None:
+        self.model = model
+        self.device = device
+        self.dtype = autocast_dtype(precision, device)
+        self._module: nn.Module | None = None
+
+    def _build(self) -> nn.Module:
+        return _Logits(inference_copy(self.model), self.device.type, self.dtype)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self._module is None:
+            self._module = self._build()
+        with torch.no_grad():
+            return self._module(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
+class CompiledRuntime(ChannelsLastRuntime):
+    """:class:`ChannelsLastRuntime` of ``torch.compile`` of the channels-last copy (see the
+    module docstring); compiled at the first call of each input shape."""
+
+    def _build(self) -> nn.Module:
+        module = super()._build()
+        precision = "fp32" if self.dtype is None else "bf16"
+        return torch.compile(module, dynamic=False, options=dict(COMPILE_OPTIONS[precision]))
 
 
 class FrozenTraces:
     """Callable ``x (N, C, H, W) -> logits`` running a frozen trace of ``model`` for x's shape.
 
-    The weights are captured when a shape is first seen: build it from a trained model in eval
-    mode, never while training. Keeps the ``max_shapes`` most recently used traces.
+    A trace records the input's shape (the models resize to it), so one trace is kept per
+    shape: the ``max_shapes`` most recently used. With ``precision="bf16"`` the trace records
+    autocast's casts, and freezing folds batch norm into the bfloat16 weights.
     """
 
-    def __init__(self, model: nn.Module, max_shapes: int = 8) -> None:
-        self.model = _LogitsOnly(model).eval()
+    def __init__(
+        self,
+        model: nn.Module,
+        max_shapes: int = 8,
+        precision: str = "fp32",
+        device: torch.device | None = None,
+    ) -> None:
+        device = device if device is not None else _device_of(model)
+        self.model = _Logits(model, device.type, autocast_dtype(precision, device)).eval()
         self.max_shapes = max_shapes
         self._traces: OrderedDict[tuple, torch.jit.ScriptModule] = OrderedDict()
 
@@ -56,3 +288,31 @@ class FrozenTraces:
             self._traces.move_to_end(key)
         with torch.no_grad():
             return trace(x)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+TorchRuntime = EagerRuntime | ChannelsLastRuntime | FrozenTraces
+
+
+def torch_runtime(
+    model: nn.Module, device: torch.device, path: str, precision: str = "fp32"
+) -> TorchRuntime:
+    """The runtime of torch path ``path`` (one of :data:`PATHS`) at ``precision``.
+
+    Raises:
+        ConfigError: an unknown path or precision.
+    """
+    if path == "eager":
+        return EagerRuntime(model, device, precision=precision)
+    if path == "channels_last":
+        return ChannelsLastRuntime(model, device, precision)
+    if path == "trace":
+        return FrozenTraces(model, precision=precision, device=device)
+    if path == "compile":
+        return CompiledRuntime(model, device, precision)
+    raise ConfigError(f"unknown fast path {path!r}; choose {', '.join(PATHS)}")

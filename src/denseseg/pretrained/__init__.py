@@ -8,7 +8,9 @@ Each built-in model ``NAME`` is two files in this folder:
   model name and its keyword arguments, class names, palette, normalisation (mean/std),
   ``ignore_index``, input channels, the :class:`~denseseg.inference.Segmenter` mode, tile
   size, and provenance (recipe, steps, validation metrics, date, source checkpoint, sha256 of
-  the weights file).
+  the weights file); once measured, the fastest torch inference path (``fast``: path,
+  precision, and the machine it was measured on; :func:`store_fast`, ``denseseg benchmark
+  --save``), which ``fast=True`` then takes.
 
 ``pack(checkpoint, name)`` writes both from a checkpoint of ``denseseg train`` (the ``denseseg
 pack`` command); ``denseseg.load_model("NAME")`` and ``--model NAME`` on the command line load
@@ -49,7 +51,9 @@ from denseseg.inference.build import (
     model_from_checkpoint,
     model_from_state,
 )
+from denseseg.inference.fast import PATHS, PRECISIONS
 from denseseg.inference.segmenter import MODES, TTA
+from denseseg.inference.slide import WEIGHTINGS, check_window
 
 log = logging.getLogger("denseseg")
 
@@ -62,6 +66,7 @@ __all__ = [
     "load_builtin",
     "pack",
     "read_meta",
+    "store_fast",
     "unknown_model_message",
 ]
 
@@ -339,21 +344,27 @@ def _check_segmenter_settings(seg: Any, name: str, task: str = "semantic") -> No
         not isinstance(seg, Mapping)
         or seg.get("mode", "whole") not in MODES
         or seg.get("tta", "none") not in TTA
+        or seg.get("weighting", "uniform") not in WEIGHTINGS
     ):
         raise ConfigError(
-            f"built-in {name}: segmenter settings {seg!r} need mode in {', '.join(MODES)} and "
-            f"tta in {', '.join(TTA)}"
+            f"built-in {name}: segmenter settings {seg!r} need mode in {', '.join(MODES)}, "
+            f"tta in {', '.join(TTA)} and weighting in {', '.join(WEIGHTINGS)}"
         )
     if task != "semantic" and _semantic_settings(seg):
         raise ConfigError(
             f"built-in {name}: segmenter settings {seg!r} apply to semantic models only; this is "
-            f"an {task} model: pack it without --mode, --tile-size and --tta"
+            f"an {task} model: pack it without --mode, --crop-size, --stride and --tta"
         )
+    if seg.get("mode") == "slide":  # the window a packed model slides (mmsegmentation's test_cfg)
+        try:
+            check_window(seg.get("crop_size"), seg.get("stride"))
+        except ConfigError as exc:
+            raise ConfigError(f"built-in {name}: {exc}") from None
 
 
 def _semantic_settings(seg: Mapping[str, Any]) -> dict[str, Any]:
     """The settings that differ from the Segmenter's defaults (whole image, no TTA)."""
-    defaults = {"mode": "whole", "tile_size": None, "tta": "none"}
+    defaults = {"mode": "whole", "tile_size": None, "tta": "none", "weighting": "uniform"}
     return {k: v for k, v in seg.items() if v is not None and v != defaults.get(k)}
 
 
@@ -392,7 +403,8 @@ def load_builtin(
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         directory: an extra folder searched first.
         **segmenter_kwargs: passed on to the predictor; they override the stored ``mode``,
-            ``tile_size`` and ``tta``.
+            ``tile_size`` and ``tta``. ``fast=True`` takes the stored fast path and its
+            precision (unless ``precision`` is given), else the Segmenter's default.
 
     Returns:
         A :class:`~denseseg.inference.Segmenter` (or InstanceSegmenter) in eval mode.
@@ -409,6 +421,8 @@ def load_builtin(
     source = f"{files[1]} (with {files[0].name})"
     model = model_from_state(meta["model_name"], meta["model_kwargs"], state, source)
     options = {**_segmenter_options(meta, files[0]), **segmenter_kwargs}
+    if options.get("fast") is True:  # the path measured fastest, when one was stored
+        options.update(_stored_fast(meta, files[0], "precision" in segmenter_kwargs))
     described = {
         **meta,
         "class_names": meta.get("classes"),
@@ -462,3 +476,61 @@ def _segmenter_options(meta: dict[str, Any], path: Path) -> dict[str, Any]:
     if isinstance(seg_opts.get("tile_size"), list):
         seg_opts["tile_size"] = tuple(seg_opts["tile_size"])
     return seg_opts
+
+
+# ------------------------------------------------------------------------------- fast path
+def store_fast(
+    name: str, fast: Mapping[str, Any], directory: str | os.PathLike | None = None
+) -> Path:
+    """Store the fastest inference configuration measured for the built-in model ``name``
+    (``denseseg benchmark --save``) as ``"fast"`` in its ``NAME.json``, which
+    ``load_model(name, fast=True)`` then uses. The file is rewritten atomically, in the folder
+    it is found in (the package's own for a shipped model).
+
+    Args:
+        name: a name from :func:`list_builtin`.
+        fast: ``{"path": one of denseseg.inference.fast.PATHS, "precision": "fp32" or
+            "bf16", "measured": {...}}`` (:func:`denseseg.engine.benchmark.fastest_config`).
+        directory: an extra folder searched first.
+
+    Returns:
+        The JSON file written.
+
+    Raises:
+        CheckpointError: unknown name or an unreadable JSON.
+        ConfigError: ``fast`` names an unknown path or precision.
+        DataError: the file cannot be written (it is left as it was).
+    """
+    files = builtin_files(name, directory)
+    if files is None:
+        raise CheckpointError(unknown_model_message(name, directory))
+    meta = read_meta(name, directory)
+    if fast.get("path") not in PATHS or fast.get("precision") not in PRECISIONS:
+        raise ConfigError(
+            f"fast configuration {dict(fast)!r} needs path in {', '.join(PATHS)} and precision "
+            f"in {', '.join(PRECISIONS)}"
+        )
+    meta["fast"] = _plain(dict(fast))
+    _write(files[0], (json.dumps(_plain(meta), indent=2) + "\n").encode(), "built-in model file")
+    return files[0]
+
+
+def _stored_fast(meta: dict[str, Any], path: Path, precision_given: bool) -> dict[str, Any]:
+    """``fast=True`` resolved: the stored path, and its precision unless the caller gave one;
+    nothing when none is stored (the Segmenter's default fast path then)."""
+    fast = meta.get("fast")
+    if fast is None:
+        return {}
+    if (
+        not isinstance(fast, Mapping)
+        or fast.get("path") not in PATHS
+        or fast.get("precision") not in PRECISIONS
+    ):
+        raise CheckpointError(
+            f"built-in model file {path} holds a fast configuration {fast!r} this version does "
+            "not know; run denseseg benchmark --save again"
+        )
+    options: dict[str, Any] = {"fast": fast["path"]}
+    if not precision_given:
+        options["precision"] = fast["precision"]
+    return options

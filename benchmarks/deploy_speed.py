@@ -1,0 +1,108 @@
+"""Deployment speed: every inference path against torchvision's eager model, for the targets of
+the deployment issue (the fastest path >= 2.5x torchvision's images/s, camvid >= 30 frames/s,
+with arg-max agreement >= 99.99 % in fp32 and >= 99.5 % in bf16).
+
+Two runs, batch 1, through :func:`denseseg.engine.benchmark.benchmark` (the library behind
+``denseseg benchmark``: paths timed round robin, torchvision's model with the same weights in
+the same rounds):
+
+* DeepLabV3-ResNet50 (torchvision layout, 21 classes, random weights: speed does not depend on
+  them) at 512x512;
+* the LR-ASPP MobileNetV3-Large of the built-in ``camvid`` model at 360x480.
+
+Prints one Markdown table per run and a line per target; writes each run's JSON into ``--out``::
+
+    PYTHONPATH=src python benchmarks/deploy_speed.py --threads 2 --runs 30 --out /tmp/deploy
+    PYTHONPATH=src python benchmarks/deploy_speed.py --runs 2 --scale 0.25 --paths eager trace
+
+``--image`` measures camvid's agreement on a real frame (e.g. one of CamVid's val images)
+instead of random smooth images. Timings on a shared machine are noisy: compare rows of one
+run, and run the long version on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from denseseg import Segmenter, create_model, load_model
+from denseseg.data.io import read_image
+from denseseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from denseseg.engine.benchmark import DEFAULT_PATHS, PATHS, benchmark, markdown_table, save_json
+
+TARGET_SPEEDUP = 2.5
+TARGET_CAMVID_FPS = 30.0
+
+
+def _runs(scale: float) -> list[tuple[str, Segmenter, tuple[int, int]]]:
+    def scaled(h: int, w: int) -> tuple[int, int]:
+        return max(32, round(h * scale)), max(32, round(w * scale))
+
+    deeplab = create_model("deeplabv3_resnet50", num_classes=21)
+    deeplab_seg = Segmenter(
+        deeplab,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        device="cpu",
+        meta={"model_name": "deeplabv3_resnet50"},
+    )
+    return [
+        ("deeplabv3_resnet50", deeplab_seg, scaled(512, 512)),
+        ("camvid", load_model("camvid", device="cpu"), scaled(360, 480)),
+    ]
+
+
+def _targets(name: str, result: dict) -> list[str]:
+    """One line per target of the issue: met or not, with the numbers."""
+    rows = [r for r in result["rows"] if r["backend"] != "torchvision" and r["meets_agreement"]]
+    best = max(rows, key=lambda r: r["images_per_s"])
+    lines = [f"{name}: fastest path meeting the agreement thresholds: {best['path']}"]
+    ratio = best["speedup_vs_reference"]
+    if ratio is not None:
+        verdict = "met" if ratio >= TARGET_SPEEDUP else "NOT met"
+        lines.append(
+            f"  {ratio:.2f}x torchvision's eager images/s (target {TARGET_SPEEDUP}x): {verdict}"
+        )
+    if name == "camvid":
+        fps = best["images_per_s"]
+        verdict = "met" if fps >= TARGET_CAMVID_FPS else "NOT met"
+        lines.append(f"  {fps:.1f} frames/s (target {TARGET_CAMVID_FPS:.0f}): {verdict}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--scale", type=float, default=1.0, help="input sizes times this")
+    parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(DEFAULT_PATHS))
+    parser.add_argument("--image", type=Path, default=None, help="a frame for camvid's agreement")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/deploy_speed"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    summary = []
+    for name, seg, size in _runs(args.scale):
+        image = read_image(args.image) if args.image is not None and name == "camvid" else None
+        result = benchmark(
+            seg,
+            size=size,
+            batch=1,
+            runs=args.runs,
+            warmup=args.warmup,
+            paths=args.paths,
+            threads=args.threads,
+            image=image,
+            name=name,
+        )
+        print(markdown_table(result), end="\n\n", flush=True)
+        save_json(result, args.out / f"{name}.json")
+        summary += _targets(name, result)
+    print("\n".join(summary))
+    print(f"\nJSON: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
