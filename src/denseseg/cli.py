@@ -399,6 +399,10 @@ def _benchmark_segmenter(
         seg = load_builtin(packed[0], device=args.device, directory=packed[1])
     elif not Path(args.model).exists() and args.model in list_models():
         model = create_model(args.model, num_classes=args.classes)
+        if getattr(model, "task", "semantic") != "semantic":
+            raise ConfigError(
+                f"{args.model} is an instance model; benchmark measures semantic models"
+            )
         meta = {"model_name": args.model}
         mean, std = IMAGENET_MEAN[: model.in_channels], IMAGENET_STD[: model.in_channels]
         seg = Segmenter(model, mean=mean, std=std, device=args.device, meta=meta)
@@ -406,6 +410,11 @@ def _benchmark_segmenter(
         seg = load_model(args.model, device=args.device)
     if not isinstance(seg, Segmenter):
         raise ConfigError(f"{args.model} is an instance model; benchmark measures semantic models")
+    if seg.backend != "torch":  # an exported .onnx: there is no torch model to time
+        raise ConfigError(
+            f"{args.model} is an exported file: benchmark measures a model's torch paths and "
+            "its ONNX backends; give the built-in name or the checkpoint it was exported from"
+        )
     return seg
 
 
@@ -847,8 +856,9 @@ def _add_tta(parser: argparse.ArgumentParser, help: str | None = None) -> None:
         default=None,
         choices=TTA,
         help=help
-        or "test-time augmentation: hflip (2 passes) or d4 (8 flips and rotations, for "
-        "microscopy); default: the model's own setting",
+        or "test-time augmentation: hflip (2 passes), d4 (8 flips and rotations, for "
+        "microscopy) or ms (scales 0.5-1.75, each also flipped: 12 passes); default: the "
+        "model's own setting",
     )
 
 

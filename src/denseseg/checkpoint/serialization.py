@@ -96,12 +96,31 @@ def _verify_zip(path: Path) -> None:
     if not zipfile.is_zipfile(path):
         return
     with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
         bad = archive.testzip()
+    kind = _exported_kind(names)
+    if kind is not None:
+        raise CheckpointError(
+            f"{path} is a {kind} file written by denseseg export (or PyTorch), not a checkpoint "
+            "of denseseg train: run it with its runtime, or give the checkpoint or built-in "
+            "name it was exported from (an .onnx export loads as --model directly)"
+        )
     if bad is not None:
         raise CheckpointError(
             f"checkpoint {path} is damaged (record {bad} fails its CRC-32 check); "
             "use an earlier checkpoint (step_*.pt) or train again"
         )
+
+
+def _exported_kind(names: list[str]) -> str | None:
+    """``"TorchScript"`` or ``"torch.export (pt2)"`` when a zip archive's record names are
+    those formats' (``torch.jit.save`` writes ``code/`` and ``constants.pkl``;
+    ``torch.export.save`` writes ``archive_format`` and serialized programs), else None."""
+    if any(n.endswith("/archive_format") or "serialized_exported_program" in n for n in names):
+        return "torch.export (pt2)"
+    if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
+        return "TorchScript"
+    return None
 
 
 def _reason(exc: Exception) -> str:

@@ -297,12 +297,19 @@ def _staged_frames(frames_dir: Path | None, out: Path) -> Iterator[Path | None]:
 
 
 def _publish_frames(staging: Path, frames_dir: Path, guard: NoClobber, source: Path) -> None:
-    """Move the staged label maps into ``frames_dir`` (replacing same-named files)."""
+    """Move the staged label maps into ``frames_dir`` (replacing same-named files), then
+    remove the label maps of an earlier, longer video there (only ``--overwrite`` gets here
+    with any): the folder then holds this video's frames only; other files stay."""
     try:
         frames_dir.mkdir(exist_ok=True)
+        written = set()
         for tmp in sorted(staging.iterdir()):
             guard(frames_dir / tmp.name, source)
             os.replace(tmp, frames_dir / tmp.name)
+            written.add(tmp.name)
+        for old in frames_dir.iterdir():
+            if _FRAME_NAME.fullmatch(old.name) and old.name not in written and old.is_file():
+                old.unlink()
     except OSError as exc:
         raise DataError(f"cannot write label maps into {frames_dir} ({_reason(exc)})") from None
 

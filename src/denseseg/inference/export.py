@@ -125,8 +125,10 @@ class ExportWrapper(nn.Module):
         x = image
         if self.converts_channels:
             # Without branching on the channel count (a static graph cannot): gather channels
-            # (0, 0, 0) from grey and (0, 1, 2) from RGB.
-            index = torch.arange(3, device=image.device) * (image.shape[1] - 1) // 2
+            # (0, 0, 0) from grey and grey + alpha, (0, 1, 2) from RGB and RGBA (alpha dropped,
+            # as denseseg's image reader does).
+            colour = (torch.scalar_tensor(image.shape[1], device=image.device) >= 3).long()
+            index = torch.arange(3, device=image.device) * colour
             x = image.index_select(1, index)
             if self.in_channels == 1:
                 x = (x.float() * self.luma).sum(1, keepdim=True).round()
@@ -203,6 +205,8 @@ def export_model(
         raise ConfigError(f"unknown export format {format!r}; choose {', '.join(FORMATS)}")
     if opset is not None and format != "onnx":
         raise ConfigError("--opset applies to --format onnx only")
+    if opset is not None:
+        _check_opset(opset)
     check_export_target(path, overwrite)
     _check_exportable(model, meta)
     with cpu_float_eval(model):
@@ -334,6 +338,19 @@ def valid_sizes(model: nn.Module) -> dict[str, int]:
     return {"min": smallest, "step": step, "lost": smallest - model.output_size(smallest)}
 
 
+def _check_opset(opset: int) -> None:
+    """Refuse, before the slow export, an opset that no ONNX runtime of this onnx knows."""
+    try:
+        import onnx
+    except ImportError:
+        raise ConfigError(ONNX_EXTRA) from None
+    newest = onnx.defs.onnx_opset_version()
+    if not 18 <= opset <= newest:
+        raise ConfigError(
+            f"--opset {opset} is not one PyTorch's exporter writes: choose 18 to {newest}"
+        )
+
+
 def onnx_bytes(
     wrapper: nn.Module,
     example: Tensor,
@@ -374,6 +391,12 @@ def onnx_bytes(
             f"the ONNX exporter cannot export this model ({first_line(exc)})"
         ) from None
     proto = program.model_proto
+    written = {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")}
+    if opset is not None and written != {opset}:  # the exporter logs a failed conversion only
+        raise ConfigError(
+            f"--opset {opset}: the ONNX exporter could not convert this model to opset {opset} "
+            f"(it wrote {', '.join(map(str, sorted(written)))}); use --opset 18 or later"
+        )
     if metadata:
         del proto.metadata_props[:]
         for key, value in metadata.items():

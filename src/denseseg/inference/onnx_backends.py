@@ -226,6 +226,10 @@ class OnnxModel(nn.Module):
         return f"{self.onnx_path}, classes={self.num_classes}"
 
 
+# Metadata entries a Segmenter cannot run an exported file without.
+_NEEDED = ("num_classes", "in_channels", "mean", "std", "contract")
+
+
 def load_onnx_model(path: str | Path) -> tuple[OnnxModel, dict[str, Any]]:
     """Read an ONNX file of ``denseseg export`` as a model and its predictor metadata.
 
@@ -243,6 +247,12 @@ def load_onnx_model(path: str | Path) -> tuple[OnnxModel, dict[str, Any]]:
         raise CheckpointError(
             f"{path} was not written by denseseg export (no {FORMAT_TAG!r} metadata); export "
             "the model with denseseg export"
+        )
+    missing = [k for k in _NEEDED if k not in meta]
+    if missing:
+        raise CheckpointError(
+            f"{path} lacks the metadata {', '.join(missing)} that denseseg export writes; the "
+            "file was edited by another tool: export the model again"
         )
     contract = meta.get("contract") or {}
     if contract.get("input_dtype") != "float32" or contract.get("output") != "logits":
