@@ -716,23 +716,7 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
         help="how the model covers images by default: whole, slide (windows of --crop-size at "
         "--stride, for models trained on crops) or overlap_tile (valid-padding U-Nets)",
     )
-    k.add_argument(
-        "--crop-size",
-        "--tile-size",
-        type=_int_at_least(1),
-        nargs="+",
-        default=None,
-        metavar="N",
-        help="window side(s) H [W] for --mode slide, tile side(s) for overlap_tile",
-    )
-    k.add_argument(
-        "--stride",
-        type=_int_at_least(1),
-        nargs="+",
-        default=None,
-        metavar="N",
-        help="window step(s) H [W] for --mode slide; default two thirds of the window",
-    )
+    _add_window_options(k, "--tile-size")
     k.add_argument("--note", default=None, help="free text kept in the provenance")
     _add_tta(k, "test-time augmentation the built-in model uses by default (none)")
     k.add_argument(
@@ -897,13 +881,19 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mode", default=None, choices=MODES, help="how images are covered (default: the model's)"
     )
+    _add_window_options(parser)
+
+
+def _add_window_options(parser: argparse.ArgumentParser, *aliases: str) -> None:
+    """--crop-size (also named ``aliases``) and --stride: the windows of slide mode."""
     parser.add_argument(
         "--crop-size",
+        *aliases,
         type=_int_at_least(1),
         nargs="+",
         default=None,
         metavar="N",
-        help="window side(s) for --mode slide (H [W]), tile side(s) for overlap_tile",
+        help="window side(s) H [W] for --mode slide, tile side(s) for overlap_tile",
     )
     parser.add_argument(
         "--stride",
@@ -911,7 +901,7 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         metavar="N",
-        help="window step(s) for --mode slide (H [W]); default two thirds of the window",
+        help="window step(s) H [W] for --mode slide; default two thirds of the window",
     )
 
 
