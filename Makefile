@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/denseseg demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not heavy"
+	$(PY) -m pytest -q -m "not heavy" --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not heavy"

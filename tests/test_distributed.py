@@ -444,10 +444,13 @@ def test_a_rank_that_fails_stops_the_job_with_one_line(tmp_path) -> None:
     assert code == 2, text
     assert len(errors) == 2, text
     assert f"train_{first[0]:03d}.png" in errors[0] or f"train_{first[1]:03d}.png" in errors[0]
-    assert errors[1] == "denseseg: error: rank 1 failed (exit code 2); its message is above\n"
+    assert errors[1] == "denseseg: error: rank 1 failed (exit code 2); its message is above\n", text
     for noise in ("Traceback", "ChildFailedError", "torch.distributed", "[rank"):
         assert noise not in text, text
-    assert stopped_in < 20, f"{stopped_in:.1f} s from the error to the end"
+    # Not a timing test: a job whose peers waited on the broken collective would sit for gloo's
+    # 30-minute timeout (or the watchdog's 300 s); on a loaded two-core machine the shutdown of
+    # two torch processes alone can take tens of seconds.
+    assert stopped_in < 90, f"{stopped_in:.1f} s from the error to the end\n{text}"
 
 
 def test_more_processes_than_gpus_is_one_line(monkeypatch) -> None:

@@ -552,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_export,
         _add_models,
         _add_benchmark,
+        _add_serve,
     ):
         add(sub)
     return p
@@ -653,6 +654,68 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     _add_inference_options(r)
     _add_nproc(r, "segment on N processes of this machine (torchrun), each a share of the images")
     r.set_defaults(func=cmd_predict)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    v = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP: an API and a web page (needs denseseg[serve])",
+        description="Serve a semantic model: POST /v1/segment (label PNG, overlay PNG or JSON "
+        "with per-class areas and COCO RLE masks), POST /v1/segment/batch, GET /v1/models, "
+        "/healthz, /metrics (Prometheus), the API's documentation at /docs and a web page at /. "
+        "Binds to 127.0.0.1 unless --host says otherwise.",
+    )
+    v.add_argument(
+        "--model", default="camvid", help="built-in model name, checkpoint or exported .onnx"
+    )
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    v.add_argument("--port", type=_int_at_least(0), default=8000, help="port (0: a free one)")
+    v.add_argument("--workers", type=_int_at_least(1), default=1, help="server processes")
+    v.add_argument(
+        "--token",
+        default=None,
+        help="require 'Authorization: Bearer TOKEN' on the API (default: $DENSESEG_SERVE_TOKEN)",
+    )
+    v.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="allow browsers on this origin (e.g. https://example.org) to call the API; "
+        "repeatable; other cross-origin requests are refused",
+    )
+    v.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body")
+    v.add_argument(
+        "--max-pixels", type=_int_at_least(1), default=None, help="largest image (W x H)"
+    )
+    v.add_argument("--max-batch", type=_int_at_least(1), default=4, help="images per forward pass")
+    v.add_argument("--batch-wait-ms", type=float, default=5.0, help="wait for more images to batch")
+    v.add_argument(
+        "--max-queue", type=_int_at_least(1), default=16, help="requests admitted at once"
+    )
+    v.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    v.add_argument("--device", default="auto")
+    _add_inference_options(v)
+    v.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from denseseg.serve.run import serve
+    from denseseg.serve.settings import DEFAULT_MAX_PIXELS, ServeSettings, token_from
+
+    settings = ServeSettings(
+        model_name=Path(args.model).stem if args.model.endswith((".pt", ".onnx")) else args.model,
+        token=token_from(args.token),
+        cors_origins=tuple(args.cors_origin),
+        max_upload_bytes=max(1, int(args.max_upload_mb * 2**20)),
+        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
+        max_queue=args.max_queue,
+        timeout_s=args.timeout,
+    )
+    options = {"device": args.device, **_inference_options(args)}
+    return serve(args.model, settings, options, args.host, args.port, args.workers)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:

@@ -20,6 +20,14 @@ class DataError(DensesegError):
     """A dataset file is missing, unreadable, or holds values the dataset does not allow."""
 
 
+class NotAnImageError(DataError):
+    """A file (or an upload) is not an image in a format that is read."""
+
+
+class ImageTooLargeError(DataError):
+    """An image claims more pixels than the reader's limit (a decompression-bomb guard)."""
+
+
 class CheckpointError(DensesegError):
     """A checkpoint or weights file is missing, truncated or does not fit the model."""
 

@@ -30,11 +30,12 @@ of the package, which checkpoints are written through too) and are exported here
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import struct
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from denseseg.checkpoint.files import atomic_write, show_path
 from denseseg.data.palette import palette_to_flat
-from denseseg.errors import ConfigError, DataError, DensesegError
+from denseseg.errors import (
+    ConfigError,
+    DataError,
+    DensesegError,
+    ImageTooLargeError,
+    NotAnImageError,
+)
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -54,8 +61,10 @@ __all__ = [
     "image_info",
     "max_pixels",
     "read_image",
+    "read_image_bytes",
     "read_mask",
     "read_text",
+    "encode_mask_png",
     "show_path",
     "write_image",
     "write_mask",
@@ -148,15 +157,18 @@ class ImageInfo:
     mode: str
 
 
-def _open(path: PathLike, what: str) -> Image.Image:
-    """Open ``path`` lazily (header only), turning every failure into a :class:`DataError`;
-    a header claiming more than :func:`max_pixels` pixels is refused before decoding."""
+def _open(
+    path: PathLike, what: str, data: bytes | None = None, limit: int | None = None
+) -> Image.Image:
+    """Open ``path`` (or the bytes ``data``, named ``path`` in messages) lazily (header only),
+    turning every failure into a :class:`DataError`; a header claiming more than ``limit``
+    pixels (default :func:`max_pixels`) is refused before decoding."""
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise DataError(
             f"{what} {show_path(path)} does not exist; check the path and the dataset layout"
         )
-    limit = max_pixels()
+    from_env, limit = limit is None, max_pixels() if limit is None else limit
     if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < limit:
         # The user asked for larger images: lift Pillow's own guard to match, the way Pillow's
         # documentation says, so that ours is the one that decides.
@@ -165,11 +177,11 @@ def _open(path: PathLike, what: str) -> Image.Image:
         with warnings.catch_warnings():
             # Pillow warns above its own limit; ours refuses such a file with a clearer message.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(io.BytesIO(data) if data is not None else path)
     except Image.DecompressionBombError as exc:
-        raise _bomb_error(path, what, _claimed_pixels(exc), limit) from None
+        raise _bomb_error(path, what, _claimed_pixels(exc), limit, "", from_env) from None
     except UnidentifiedImageError as exc:
-        raise DataError(
+        raise NotAnImageError(
             f"{what} {show_path(path)} is not an image format Pillow can read; "
             "convert it to PNG (or JPEG for photos)"
         ) from exc
@@ -180,7 +192,7 @@ def _open(path: PathLike, what: str) -> Image.Image:
     width, height = img.size
     if width * height > limit:
         img.close()
-        raise _bomb_error(path, what, width * height, limit, f"{width}x{height} = ")
+        raise _bomb_error(path, what, width * height, limit, f"{width}x{height} = ", from_env)
     return img
 
 
@@ -190,19 +202,26 @@ def _claimed_pixels(exc: Exception) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def _bomb_error(path: Path, what: str, pixels: int | None, limit: int, size: str = "") -> DataError:
+def _bomb_error(
+    path: Path, what: str, pixels: int | None, limit: int, size: str = "", from_env: bool = True
+) -> ImageTooLargeError:
     claim = f"{size}{pixels:,}" if pixels else "too many"
-    return DataError(
-        f"{what} {show_path(path)} claims {claim} pixels, over the limit of {limit:,} "
-        "(a guard against decompression bombs); if the file is genuine, raise the limit with "
-        f"the environment variable {MAX_PIXELS_ENV}={pixels or 2 * limit}"
+    head = f"{what} {show_path(path)} claims {claim} pixels, over the limit of {limit:,}"
+    if not from_env:  # a caller's own limit (the server's): the environment does not change it
+        return ImageTooLargeError(f"{head}; send a smaller image")
+    return ImageTooLargeError(
+        f"{head} (a guard against decompression bombs); if the file is genuine, raise the limit "
+        f"with the environment variable {MAX_PIXELS_ENV}={pixels or 2 * limit}"
     )
 
 
-def _decode(path: PathLike, what: str) -> Image.Image:
-    """Open and fully decode ``path`` with EXIF orientation applied; masks must be stored in a
-    lossless format (JPEG smears the class indices at every edge)."""
-    img = _open(path, what)
+def _decode(
+    path: PathLike, what: str, data: bytes | None = None, limit: int | None = None
+) -> Image.Image:
+    """Open and fully decode ``path`` (or ``data``, see :func:`_open`) with EXIF orientation
+    applied; masks must be stored in a lossless format (JPEG smears the class indices at every
+    edge)."""
+    img = _open(path, what, data, limit)
     if what == "mask" and img.format in _LOSSY_FORMATS:
         img.close()
         raise DataError(
@@ -216,7 +235,8 @@ def _decode(path: PathLike, what: str) -> Image.Image:
             img.load()
             out = ImageOps.exif_transpose(img)
     except Image.DecompressionBombError as exc:  # a frame or tile larger than the header said
-        raise _bomb_error(Path(path), what, _claimed_pixels(exc), max_pixels()) from None
+        pixels, from_env = _claimed_pixels(exc), limit is None
+        raise _bomb_error(Path(path), what, pixels, limit or max_pixels(), "", from_env) from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
         raise DataError(
             f"{what} {show_path(path)} is truncated or corrupt ({exc}); re-export or re-download it"
@@ -283,7 +303,45 @@ def read_image(path: PathLike) -> torch.Tensor:
     Raises:
         DataError: The file is missing, truncated, corrupt or in an unknown format.
     """
-    img = _decode(path, "image")
+    return _image_tensor(_decode(path, "image"), path)
+
+
+def read_image_bytes(
+    data: bytes,
+    name: str = "upload",
+    limit: int | None = None,
+    formats: Collection[str] | None = None,
+) -> torch.Tensor:
+    """:func:`read_image` for an encoded image held in memory (an upload, say).
+
+    Args:
+        data: The file's bytes; the format is decided by the content, never by ``name``.
+        name: What messages call the image.
+        limit: The largest pixel count accepted (default :func:`max_pixels`), checked from the
+            header before any pixel is decoded.
+        formats: Pillow format names accepted (e.g. ``{"PNG", "JPEG"}``); default any.
+
+    Returns:
+        ``uint8`` tensor ``(C, H, W)`` as :func:`read_image` gives it.
+
+    Raises:
+        DataError: Empty, not an image, a format not in ``formats``, too many pixels,
+            truncated or corrupt.
+    """
+    if not data:
+        raise DataError(f"image {show_path(name)} is empty (0 bytes); send an image file")
+    if formats is not None:
+        with _open(name, "image", data, limit) as img:
+            if img.format not in formats:
+                raise NotAnImageError(
+                    f"image {show_path(name)} is {img.format}, not one of the accepted formats "
+                    f"({', '.join(sorted(formats))}); convert it to PNG or JPEG"
+                )
+    return _image_tensor(_decode(name, "image", data, limit), name)
+
+
+def _image_tensor(img: Image.Image, path: PathLike) -> torch.Tensor:
+    """A decoded PIL image -> ``uint8`` tensor ``(C, H, W)`` as :func:`read_image` describes."""
     if img.mode in _GRAY_MODES:
         arr = _to_uint8_gray(img, path)[None]
     else:
@@ -358,6 +416,26 @@ def write_mask(
         raise DataError(
             f"mask file {show_path(path)} must be a .png (lossless); change the file name"
         )
+    img = _mask_pil(mask, palette, path)
+    with atomic_write(path, "mask") as fh:
+        img.save(fh, format="PNG")
+
+
+def encode_mask_png(
+    mask: torch.Tensor | np.ndarray, palette: Sequence[Sequence[int]] | Sequence[int] | None = None
+) -> bytes:
+    """The PNG file :func:`write_mask` would write, as bytes (for a response, say)."""
+    buf = io.BytesIO()
+    _mask_pil(mask, palette, Path("mask.png")).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _mask_pil(
+    mask: torch.Tensor | np.ndarray,
+    palette: Sequence[Sequence[int]] | Sequence[int] | None,
+    path: Path,
+) -> Image.Image:
+    """A label map as the PIL image :func:`write_mask` stores (``path`` names it in errors)."""
     arr = _as_numpy(mask)
     if arr.ndim != 2 or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
         raise ValueError(f"mask must be a 2-D integer array, got shape {arr.shape} {arr.dtype}")
@@ -384,8 +462,7 @@ def write_mask(
         raise DataError(
             f"mask for {show_path(path)} holds value {hi}; PNG masks store values up to 65535"
         )
-    with atomic_write(path, "mask") as fh:
-        img.save(fh, format="PNG")
+    return img
 
 
 def write_image(path: PathLike, image: torch.Tensor | np.ndarray) -> None:

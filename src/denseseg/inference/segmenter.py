@@ -53,6 +53,7 @@ Inputs (:func:`as_image`): a uint8 tensor ``(C, H, W)``, a uint8 numpy array ``(
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
@@ -301,6 +302,8 @@ class Segmenter:
         self.amp = amp and self.device.type == "cuda"
         self.meta = dict(meta or {})
         self.valid = getattr(model, "padding", "same") == "valid"
+        # As given, so that with_options can switch modes and keep the window or tile asked for.
+        self._window_options = (tile_size, crop_size, stride, weighting, window_batch)
         self._set_mode(mode, tile_size, crop_size, stride, weighting, window_batch)
         self._set_tta(tta, scales)
         self.runtime = make_runtime(
@@ -350,6 +353,31 @@ class Segmenter:
             raise ConfigError(f"scales={scales!r} must be a non-empty list of positive numbers")
         self.tta = tta
         self.scales = tuple(float(v) for v in scales)
+
+    def with_options(self, *, mode: str | None = None, tta: str | None = None) -> Segmenter:
+        """This Segmenter with another mode or test-time augmentation, checked as the
+        constructor checks them; it shares the model and the runtime (no copy of the weights).
+
+        Raises:
+            ConfigError: the mode or TTA is unknown or does not fit the model and its window.
+        """
+        other = copy.copy(self)
+        if mode is not None and mode != self.mode:
+            other._set_mode(mode, *self._window_options)
+        if tta is not None and tta != self.tta:
+            other._set_tta(tta, self.scales if tta == "ms" and self.tta == "ms" else None)
+        return other
+
+    def supported_modes(self) -> list[str]:
+        """The modes :meth:`with_options` accepts for this model and the window it was given."""
+        ok = []
+        for mode in MODES:
+            try:
+                self.with_options(mode=mode)
+            except ConfigError:
+                continue
+            ok.append(mode)
+        return ok
 
     def _transforms(self) -> tuple[tuple[float, int, bool], ...]:
         if self.tta == "ms":
