@@ -487,7 +487,9 @@ def test_settings_are_checked() -> None:
         ServeSettings(cors_origins=("example.org",))
     with pytest.raises(ConfigError, match="--timeout"):
         ServeSettings(timeout_s=0)
-    assert json.loads(json.dumps(ServeSettings().__dict__, default=list))["max_batch"] == 4
+    assert json.loads(json.dumps(ServeSettings().__dict__, default=list))["max_batch"] is None
+    with TestClient(create_app(_segmenter(), ServeSettings())) as c:  # on the CPU: one image
+        assert c.app.state.denseseg.batcher.max_batch == 1
 
 
 # ------------------------------------------------------------------ the command line

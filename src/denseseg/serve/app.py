@@ -67,9 +67,10 @@ class ServerState:
         self.in_flight = 0
         self._variants: dict[tuple[str, str], Segmenter] = {}
         self.metrics = Metrics(lambda: len(self.batcher), lambda: self.in_flight)
+        max_batch = settings.max_batch or (4 if predictor.device.type == "cuda" else 1)
         self.batcher = Batcher(
             self._predict,
-            max_batch=settings.max_batch,
+            max_batch=max_batch,
             wait_s=settings.batch_wait_ms / 1000,
             max_queue=settings.max_queue,
             on_batch=self.metrics.batch.observe,

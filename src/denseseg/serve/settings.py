@@ -28,7 +28,9 @@ class ServeSettings:
             requests are refused (403).
         max_upload_bytes: largest request body.
         max_pixels: largest image (width x height), checked from the header before decoding.
-        max_batch: most images of one forward pass (dynamic batching; 1 turns it off).
+        max_batch: most images of one forward pass (dynamic batching; 1 turns it off); None:
+            1 on a CPU (batching did not raise throughput on two cores:
+            ``benchmarks/serve_load.py``), 4 on a GPU.
         batch_wait_ms: how long the first request of a batch waits for others.
         max_queue: most requests admitted at once (decoding, queued or running); more get 503.
         timeout_s: a request not answered within this many seconds gets 504.
@@ -40,7 +42,7 @@ class ServeSettings:
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
     max_upload_bytes: int = 20 * 2**20
     max_pixels: int = DEFAULT_MAX_PIXELS
-    max_batch: int = 4
+    max_batch: int | None = None
     batch_wait_ms: float = 5.0
     max_queue: int = 16
     timeout_s: float = 30.0
@@ -50,6 +52,8 @@ class ServeSettings:
         whole = {"max_upload_bytes": 1, "max_pixels": 1, "max_batch": 1, "max_queue": 1}
         for name, low in {**whole, "max_files": 1}.items():
             value = getattr(self, name)
+            if name == "max_batch" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{_flag(name)}={value!r} must be a whole number >= {low}")
         for name in ("batch_wait_ms", "timeout_s"):
