@@ -22,7 +22,7 @@ import pytest
 # Found, not imported: an import cycle a new import makes must not hide the report behind it.
 SRC = Path(importlib.util.find_spec("denseseg").origin).parent
 LOWER = ("layers", "ops", "backbones", "models", "data", "losses", "metrics")
-UPPER = ("engine", "cli", "api", "pretrained", "inference", "demo", "serve")
+UPPER = ("engine", "cli", "api", "pretrained", "inference", "demo", "serve", "env", "catalog")
 # The bottom package reads and writes files with these alone; torchvision only for the table of
 # its weights names, in one module.
 BOTTOM_THIRD_PARTY = ("numpy", "torch", "safetensors")

@@ -168,5 +168,5 @@ def test_mobilenet_width_in_channels_and_bad_indices() -> None:
 
 def test_timm_backbone_without_timm_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "timm", None)  # an import of timm now fails
-    with pytest.raises(ConfigError, match="pip install timm"):
+    with pytest.raises(ConfigError, match=r"pip install .denseseg\[timm\]"):
         create_backbone("timm", model_name="resnet18")

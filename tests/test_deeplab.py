@@ -188,5 +188,5 @@ def test_bad_options_are_config_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="has no option"):
         _meta("deeplabv3plus", num_classes=2, bogus=1)
     monkeypatch.setitem(sys.modules, "timm", None)  # timm missing, even where it is installed
-    with pytest.raises(ConfigError, match="pip install timm"):
+    with pytest.raises(ConfigError, match=r"pip install .denseseg\[timm\]"):
         _meta("deeplabv3", num_classes=2, backbone="timm:resnet50")

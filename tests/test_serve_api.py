@@ -405,7 +405,7 @@ def test_full_server_answers_503_with_retry_after() -> None:
 def test_batcher_batches_same_key_jobs_within_the_window() -> None:
     calls: list[tuple[str, int]] = []
 
-    def predict(key, images):
+    def predict(key, images, stop):
         calls.append((key, len(images)))
         return [int(im.sum()) for im in images]
 
@@ -425,7 +425,7 @@ def test_batcher_batches_same_key_jobs_within_the_window() -> None:
 def test_batcher_refuses_beyond_its_queue_and_reports_errors() -> None:
     gate = threading.Event()
 
-    def predict(key, images):
+    def predict(key, images, stop):
         gate.wait(5)
         if key == "bad":
             raise ValueError("broken")
@@ -594,3 +594,21 @@ def test_without_the_extra_serve_names_it(monkeypatch, capsys) -> None:
     assert main(["serve", "--model", "camvid"]) == 2
     err = capsys.readouterr().err
     assert "denseseg[serve]" in err and "uvicorn" in err and err.count("\n") == 1
+
+
+def test_a_loopback_server_answers_only_to_loopback_names() -> None:
+    """DNS rebinding: a page on evil.example makes its name point at 127.0.0.1; the browser
+    then sends ``Host: evil.example:8000``, which a server on a loopback address refuses."""
+    from denseseg.cli import _loopback_names
+
+    assert _loopback_names("0.0.0.0") == ()
+    hosts = _loopback_names("127.0.0.1")
+    assert {"localhost", "127.0.0.1", "::1"} <= set(hosts)
+    with _client(ServeSettings(allowed_hosts=hosts)) as c:
+        data = _png(_image())
+        rebound = {"Host": "evil.example:8000", "Origin": "http://evil.example:8000"}
+        msg = _error(c.post("/v1/segment", content=data, headers=rebound), 400, "invalid_host")
+        assert "evil.example" in msg
+        for host in ("localhost:8000", "127.0.0.1:8000", "[::1]:8000", "localhost"):
+            r = c.post("/v1/segment", content=data, headers={"Host": host})
+            assert r.status_code == 200, (host, r.text)

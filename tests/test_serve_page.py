@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from denseseg.serve.samples import sample_names, sample_png
+from denseseg.data.sample_scenes import sample_names, sample_png
 
 
 def test_sample_names_are_url_safe_and_unique() -> None:
@@ -45,7 +45,7 @@ def test_sample_is_an_rgb_png(name: str) -> None:
 
 
 def test_samples_are_deterministic_and_cached() -> None:
-    from denseseg.serve import samples
+    from denseseg.data import sample_scenes as samples
 
     first = {n: sample_png(n) for n in sample_names()}
     samples.sample_png.cache_clear()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 import torch
@@ -9,6 +11,8 @@ import torch
 from denseseg.errors import CheckpointError
 from denseseg.inference.build import Predictor, build_predictor, model_from_checkpoint
 from denseseg.pretrained import builtin_files, load_builtin, unknown_model_message
+
+log = logging.getLogger("denseseg")
 
 
 def load_model(
@@ -43,6 +47,19 @@ def load_model(
             weights do not fit the model options stored beside them.
         ConfigError: semantic inference options given for an instance model.
     """
+    start = time.perf_counter()
+    predictor = _load(path, device, ema, **segmenter_kwargs)
+    log.debug(
+        "loaded %s in %.2f s: %r (options %s)",
+        path,
+        time.perf_counter() - start,
+        predictor,
+        segmenter_kwargs or "none",
+    )
+    return predictor
+
+
+def _load(path: str | Path, device: str | torch.device, ema: bool, **segmenter_kwargs) -> Predictor:
     if str(path).lower().endswith(".onnx") and Path(path).is_file():
         return _load_onnx(path, device, ema, **segmenter_kwargs)
     if not _is_checkpoint_file(path):

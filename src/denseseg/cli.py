@@ -16,8 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TextIO
 
-from tqdm.auto import tqdm
-
 from denseseg.errors import ConfigError, DensesegError
 
 if TYPE_CHECKING:
@@ -52,24 +50,36 @@ def _say(text: str) -> None:
 class _TqdmHandler(logging.Handler):
     # Log lines through tqdm.write so they do not tear the progress bar.
     def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm  # not at the top: --help stays quick
+
         tqdm.write(_printable(self.format(record), sys.stderr), file=sys.stderr)
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, quiet: bool = False) -> None:
+    """``-v``: debug lines (what is loaded from where, with which options; per-image times);
+    ``-q``: warnings and errors only, and no progress bars (``DENSESEG_QUIET=1``)."""
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     log.handlers[:] = [handler]
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     log.propagate = False
+    if quiet:
+        from denseseg.progress import QUIET_ENV
+
+        os.environ[QUIET_ENV] = "1"  # inherited by --nproc's workers too
 
 
 # ---------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
-    from denseseg.config import load_config
+    from denseseg.config import config_yaml, load_config
+
+    cfg = load_config(args.config, args.overrides)  # checked here before torchrun starts
+    if args.print_config:  # the resolved recipe: bases merged, overrides applied; no training
+        sys.stdout.write(config_yaml(cfg))
+        return 0
     from denseseg.engine import distributed
     from denseseg.engine.trainer import train
 
-    cfg = load_config(args.config, args.overrides)  # checked here before torchrun starts
     launched = _on_processes(args)
     if launched is not None:
         return launched
@@ -323,10 +333,69 @@ def _pack_segmenter(args: argparse.Namespace) -> dict:
     return seg
 
 
-def cmd_models(args: argparse.Namespace) -> int:
-    from denseseg.models import list_models
+def cmd_samples(args: argparse.Namespace) -> int:
+    from denseseg.data.io import atomic_write
+    from denseseg.data.sample_scenes import sample_names, sample_png
 
-    _say("\n".join(list_models()))
+    out = Path(args.out)
+    targets = [(name, out / f"{name}.png") for name in sample_names()]
+    existing = [str(p) for _, p in targets if p.exists()]
+    if existing and not args.overwrite:
+        raise ConfigError(f"{existing[0]} exists; choose another --out or add --overwrite")
+    for name, path in targets:
+        with atomic_write(path, "sample image") as fh:
+            fh.write(sample_png(name))
+    _say(f"wrote {len(targets)} sample images to {out}: {', '.join(n for n, _ in targets)}")
+    return 0
+
+
+def _add_samples(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser(
+        "samples",
+        help="write a few sample images the package draws itself (street and shape scenes)",
+        description="Write the generated sample images (no download, no bundled photos): "
+        "street-1/2 (480x360 street views for the built-in camvid model) and shapes-1/2 "
+        "(64x64 demo scenes for models trained with the unet_demo recipe).",
+    )
+    s.add_argument("--out", type=_path, default="samples", help="folder (default: samples)")
+    s.add_argument("--overwrite", action="store_true", help="replace files of the same names")
+    s.set_defaults(func=cmd_samples)
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from denseseg.env import collect, format_env
+
+    _say(format_env(collect()))
+    return 0
+
+
+def _add_env(sub: argparse._SubParsersAction) -> None:
+    n = sub.add_parser(
+        "env",
+        help="versions, CPU features and devices, for a bug report",
+        description="Print what a bug report needs: the versions of Python, denseseg, torch, "
+        "torchvision and the optional extras, the CPU and its vector features, torch's "
+        "threads and the CUDA devices.",
+    )
+    n.set_defaults(func=cmd_env)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    import fnmatch
+
+    from denseseg.models import list_models
+    from denseseg.pretrained import list_builtin
+
+    if args.names:
+        names = [*list_builtin(), *list_models()]
+        _say("\n".join(n for n in names if args.filter is None or fnmatch.fnmatch(n, args.filter)))
+        return 0
+    from denseseg.catalog import architectures, builtin_models, format_tables
+
+    archs, builtins = architectures(args.filter), builtin_models(args.filter)
+    if not archs and not builtins:
+        raise ConfigError(f"no model name matches --filter {args.filter!r}; try '*{args.filter}*'")
+    _say(format_tables(archs, builtins))
     return 0
 
 
@@ -525,6 +594,24 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> float:
+    """A finite number above 0 (sizes, seconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"needs a number above 0, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _int_at_least(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"needs a port from 0 to 65535, got {value}")
+    return value
+
+
 def _path(text: str) -> str:
     # An empty value (an unset shell variable: --out "$OUT") would mean the current folder.
     if not text.strip():
@@ -538,8 +625,21 @@ _WORKERS = _int_at_least(0)
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``denseseg`` parser: one sub-command per ``_add_*`` function below."""
-    p = _Parser(prog="denseseg", description="Semantic segmentation toolkit.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    from denseseg import __version__
+
+    p = _Parser(
+        prog="denseseg",
+        description="Semantic and instance segmentation with PyTorch: train, evaluate, predict, "
+        "export, benchmark and serve models. 'denseseg COMMAND --help' for each command.",
+    )
+    p.add_argument("--version", action="version", version=f"denseseg {__version__}")
+    talk = p.add_mutually_exclusive_group()
+    talk.add_argument(
+        "-v", "--verbose", action="store_true", help="debug lines: what loads, options, timings"
+    )
+    talk.add_argument(
+        "-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars"
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (
         _add_train,
@@ -553,6 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_models,
         _add_benchmark,
         _add_serve,
+        _add_env,
+        _add_samples,
     ):
         add(sub)
     return p
@@ -569,6 +671,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="CKPT",
         help="continue train.out_dir/last.pt (or the given checkpoint)",
+    )
+    t.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved recipe (base recipes merged, overrides applied) as YAML and "
+        "exit without training",
     )
     _add_nproc(
         t,
@@ -669,7 +777,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--model", default="camvid", help="built-in model name, checkpoint or exported .onnx"
     )
     v.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    v.add_argument("--port", type=_int_at_least(0), default=8000, help="port (0: a free one)")
+    v.add_argument("--port", type=_port, default=8000, help="port (0: a free one)")
     v.add_argument("--workers", type=_int_at_least(1), default=1, help="server processes")
     v.add_argument(
         "--token",
@@ -684,11 +792,17 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="allow browsers on this origin (e.g. https://example.org) to call the API; "
         "repeatable; other cross-origin requests are refused",
     )
-    v.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body")
+    v.add_argument("--max-upload-mb", type=_positive, default=20.0, help="largest request body")
     v.add_argument(
         "--max-pixels", type=_int_at_least(1), default=None, help="largest image (W x H)"
     )
-    v.add_argument("--max-batch", type=_int_at_least(1), default=4, help="images per forward pass")
+    v.add_argument(
+        "--max-batch",
+        type=_int_at_least(1),
+        default=None,
+        help="images per forward pass, batched from concurrent requests (default 1 on a CPU, "
+        "where batching did not raise throughput; 4 on a GPU)",
+    )
     v.add_argument("--batch-wait-ms", type=float, default=5.0, help="wait for more images to batch")
     v.add_argument(
         "--max-queue", type=_int_at_least(1), default=16, help="requests admitted at once"
@@ -703,11 +817,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from denseseg.serve.run import serve
     from denseseg.serve.settings import DEFAULT_MAX_PIXELS, ServeSettings, token_from
 
+    if not args.host.strip():
+        raise ConfigError("--host is empty; give an address (127.0.0.1, or 0.0.0.0 for all)")
     settings = ServeSettings(
+        allowed_hosts=_loopback_names(args.host),
         model_name=Path(args.model).stem if args.model.endswith((".pt", ".onnx")) else args.model,
         token=token_from(args.token),
         cors_origins=tuple(args.cors_origin),
-        max_upload_bytes=max(1, int(args.max_upload_mb * 2**20)),
+        max_upload_bytes=max(1, round(args.max_upload_mb * 2**20)),
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,
@@ -715,7 +832,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
     )
     options = {"device": args.device, **_inference_options(args)}
+    # Before torch loads: OpenMP threads that spin after each forward pass would take the
+    # cores from the threads decoding and encoding the other requests.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return serve(args.model, settings, options, args.host, args.port, args.workers)
+
+
+def _loopback_names(host: str) -> tuple[str, ...]:
+    """The Host names a server bound to ``host`` answers to: the loopback names when it listens
+    on a loopback address (no other machine reaches it, so another name in a request is a
+    browser tricked by DNS rebinding), any name otherwise."""
+    import ipaddress
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    return ("localhost", "127.0.0.1", "::1", host) if loopback else ()
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -753,7 +886,7 @@ def _add_browse(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_pack(sub: argparse._SubParsersAction) -> None:
-    from denseseg.inference.segmenter import MODES
+    from denseseg.choices import MODES
 
     k = sub.add_parser("pack", help="package a checkpoint as a built-in model (developers)")
     k.add_argument("checkpoint", help="checkpoint (.pt) written by denseseg train")
@@ -795,7 +928,7 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    from denseseg.inference.export import FORMATS
+    from denseseg.choices import EXPORT_FORMATS as FORMATS
 
     x = sub.add_parser(
         "export", help="write a model as one ONNX, TorchScript or torch.export (pt2) file"
@@ -835,12 +968,23 @@ def _add_ema(p: argparse.ArgumentParser) -> None:
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
-    m = sub.add_parser("models", help="list registered models")
+    m = sub.add_parser(
+        "models",
+        help="the built-in trained models and the architectures, with parameter counts",
+        description="Two tables: the built-in trained models (what they were measured to do) and "
+        "every registered architecture with its task, parameter count (counted on the meta "
+        "device, at the builder's default classes or 21) and description.",
+    )
+    m.add_argument(
+        "--filter", default=None, metavar="PATTERN", help="only names matching, e.g. '*resnet*'"
+    )
+    m.add_argument("--names", action="store_true", help="bare names only, one per line")
     m.set_defaults(func=cmd_models)
 
 
 def _add_benchmark(sub: argparse._SubParsersAction) -> None:
-    from denseseg.engine.benchmark import DEFAULT_PATHS, PATHS
+    from denseseg.choices import BENCHMARK_PATHS as PATHS
+    from denseseg.choices import DEFAULT_BENCHMARK_PATHS as DEFAULT_PATHS
 
     b = sub.add_parser(
         "benchmark",
@@ -896,7 +1040,7 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_tta(parser: argparse.ArgumentParser, help: str | None = None) -> None:
-    from denseseg.inference.segmenter import TTA
+    from denseseg.choices import TTA
 
     parser.add_argument(
         "--tta",
@@ -921,8 +1065,7 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     """The Segmenter's options shared by predict and eval (and serve): where the forward pass
     runs, how images are covered, test-time augmentation. Each defaults to the model's own
     setting (None here: not passed on)."""
-    from denseseg.inference.runtimes import BACKENDS
-    from denseseg.inference.segmenter import MODES
+    from denseseg.choices import BACKENDS, MODES
 
     _add_tta(parser)
     parser.add_argument(
@@ -981,7 +1124,7 @@ def _inference_options(args: argparse.Namespace) -> dict:
 
 
 def _dataset_names() -> tuple[str, ...]:
-    from denseseg.data.registry import DATASETS
+    from denseseg.choices import DATASETS
 
     return DATASETS
 
@@ -997,8 +1140,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0), or a bad command line (its one line is printed)
         return exc.code if isinstance(exc.code, int) else 2
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, args.quiet)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for --nproc's workers
+    log.debug("denseseg %s (Python %s)", " ".join(args.argv), sys.version.split()[0])
     try:
         return args.func(args)
     except DensesegError as exc:

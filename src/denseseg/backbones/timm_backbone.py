@@ -4,12 +4,11 @@
 ``timm.create_model(model_name, features_only=True, ...)``, whose forward already returns one map
 per level and whose ``feature_info`` knows their channels and strides; this wrapper only turns the
 latter into denseseg's :class:`FeatureInfo` list. Without timm installed the builder raises a
-:class:`ConfigError` saying how to install it.
+:class:`ConfigError` naming the extra ``denseseg[timm]``.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,17 +16,13 @@ import torch.nn as nn
 from torch import Tensor
 
 from denseseg.backbones._registry import FeatureInfo, register_backbone
-from denseseg.errors import ConfigError
+from denseseg.errors import ConfigError, require_extra
 
 
 def _import_timm() -> Any:
-    try:
-        return importlib.import_module("timm")
-    except ImportError:
-        raise ConfigError(
-            "timm backbones need the timm package: pip install timm (or pick a built-in "
-            "backbone such as resnet50)"
-        ) from None
+    return require_extra(
+        "timm", "timm", "a timm backbone", "(or pick a built-in backbone such as resnet50)"
+    )
 
 
 class TimmBackbone(nn.Module):
@@ -88,7 +83,7 @@ class TimmBackbone(nn.Module):
 
 @register_backbone("timm")
 def timm_backbone(model_name: str, **kwargs: Any) -> TimmBackbone:
-    """Any timm model as a backbone (needs ``pip install timm``); see :class:`TimmBackbone`.
+    """Any timm model as a backbone (the extra ``denseseg[timm]``); see :class:`TimmBackbone`.
 
     Args:
         model_name: a timm model name, e.g. ``"convnext_tiny"``.

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from denseseg.data.datasets.base import SplitNotFound
 from denseseg.data.io import show_path
@@ -25,6 +24,7 @@ from denseseg.data.palette import Color
 from denseseg.data.registry import get_dataset
 from denseseg.data.stats import class_frequency_counts
 from denseseg.errors import DataError
+from denseseg.progress import tqdm
 from denseseg.viz import MAX_LABELLED, _plain_all, _save, plain_text, plt  # Agg: set up in viz
 
 __all__ = [

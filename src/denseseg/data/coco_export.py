@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from denseseg.errors import require_extra
+
 __all__ = ["Instances", "label_image_instances", "write_coco_split"]
 
 Instances = list[tuple[np.ndarray, int]]
@@ -58,7 +60,7 @@ def write_coco_split(
     Returns:
         The annotation file's path.
     """
-    from pycocotools import mask as mask_utils
+    mask_utils = require_extra("pycocotools.mask", "coco", "writing COCO annotations")
 
     root = Path(root)
     (root / "annotations").mkdir(parents=True, exist_ok=True)

@@ -185,7 +185,9 @@ def _open(
             f"{what} {show_path(path)} is not an image format Pillow can read; "
             "convert it to PNG (or JPEG for photos)"
         ) from exc
-    except OSError as exc:
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error) as exc:
+        # Pillow's header parsers raise these for malformed headers (a huge text chunk, a
+        # non-numeric PPM size, ...).
         raise DataError(
             f"{what} {show_path(path)} cannot be opened ({exc}); check the file"
         ) from exc
@@ -193,7 +195,42 @@ def _open(
     if width * height > limit:
         img.close()
         raise _bomb_error(path, what, width * height, limit, f"{width}x{height} = ", from_env)
+    _check_decoding_cost(img, path, what, data, limit)
     return img
+
+
+MAX_JPEG_SCANS = 100
+"""Most scans a JPEG may have: progressive files have about ten; each scan is a decoding pass
+over the whole image, so thousands of repeated scans in a small file take minutes to decode."""
+
+
+def _check_decoding_cost(
+    img: Image.Image, path: Path, what: str, data: bytes | None, limit: int
+) -> None:
+    """Refuse files that are small but expensive to decode: a JPEG with more than
+    :data:`MAX_JPEG_SCANS` scans, a TIFF whose tiles or strips are larger than the pixel limit
+    (libtiff allocates one whole tile, whatever the image size)."""
+    if img.format in ("JPEG", "MPO"):
+        raw = data if data is not None else path.read_bytes()
+        scans = raw.count(b"\xff\xda")  # SOS markers; entropy-coded 0xFF bytes are stuffed
+        if scans > MAX_JPEG_SCANS:
+            img.close()
+            raise DataError(
+                f"{what} {show_path(path)} has {scans} JPEG scans (at most {MAX_JPEG_SCANS} are "
+                "decoded: each is a pass over the whole image); re-encode it"
+            )
+    elif img.format == "TIFF":
+        tags = img.tag_v2
+        tile = int(tags.get(322, 0) or 0) * int(tags.get(323, 0) or 0)
+        # RowsPerStrip may say 2**32 - 1 for "the whole image": count the rows there are.
+        strip = img.size[0] * min(int(tags.get(278, 0) or 0), img.size[1])
+        if max(tile, strip) > limit:
+            img.close()
+            raise ImageTooLargeError(
+                f"{what} {show_path(path)} is stored in tiles or strips of "
+                f"{max(tile, strip):,} pixels, over the limit of {limit:,} (decoding one would "
+                "take that much memory, whatever the image size); re-save it untiled"
+            )
 
 
 def _claimed_pixels(exc: Exception) -> int | None:

@@ -4,19 +4,33 @@ The default is PASCAL VOC's colour map, built by spreading the bits of the class
 high bits of R, G and B: index 0 is black, 1 is (128, 0, 0), 2 is (0, 128, 0), ... and index 255
 (the usual ignore label) is (224, 224, 192), VOC's cream "border" colour. Palette PNGs written
 with it open in any viewer with the familiar VOC colours.
+
+Overlays (:func:`overlay`) get a class legend from :func:`draw_legend`: the classes present, a
+swatch and a name each, in the picture's bottom-left corner (the picture keeps its size);
+:func:`draw_legend_band` draws the same pixels on the last rows of a picture written strip by
+strip.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 __all__ = [
     "IGNORE_COLOR",
+    "LEGEND_MAX_ROWS",
+    "LegendLayout",
+    "classes_present",
     "colorize",
     "default_palette",
+    "draw_legend",
+    "draw_legend_band",
+    "legend_layout",
     "overlay",
     "palette_to_flat",
     "parse_palette",
@@ -187,3 +201,149 @@ def overlay(
         keep = arr == ignore_index
         out[keep] = img[keep]
     return out
+
+
+LEGEND_MAX_ROWS = 20
+"""Most rows a legend has; further classes are summed up in its last row as ``+N more``."""
+
+
+@dataclass(frozen=True)
+class LegendLayout:
+    """Where the rows of a legend go in a picture of a given size (:func:`legend_layout`): the
+    box sits in the bottom-left corner, one row (swatch and name) per class."""
+
+    font: Any
+    side: int  # swatch side = text height
+    pad: int
+    fit: int  # rows that fit (0: the picture is too small for a legend)
+    text_offset: tuple[int, int]  # the font's (left, top) bearing of the text "Ag"
+
+    @property
+    def row(self) -> int:
+        return self.side + self.pad
+
+    def box_height(self, classes: int) -> int:
+        """Rows of pixels the box of a legend of ``classes`` classes takes (0 for none)."""
+        n = min(classes, self.fit)
+        return self.pad + n * self.row if n else 0
+
+
+def legend_layout(height: int, width: int) -> LegendLayout:
+    """The legend's font (Pillow's default, sized to the picture) and rows."""
+    font = _legend_font(max(10, min(24, min(height, width) // 36)))
+    left, top, _, bottom = font.getbbox("Ag")
+    side = bottom - top
+    pad = max(2, side // 3)
+    fit = min(LEGEND_MAX_ROWS, max(0, (height - pad) // (side + pad)))
+    return LegendLayout(font, side, pad, fit, (left, top))
+
+
+def draw_legend(
+    picture: np.ndarray,
+    labels: torch.Tensor | np.ndarray,
+    palette: PaletteLike | None = None,
+    class_names: Sequence[str] | None = None,
+    ignore_index: int | None = 255,
+) -> np.ndarray:
+    """A copy of ``picture`` with a class legend in its bottom-left corner (the size is kept).
+
+    For each class present in ``labels``, in index order, a swatch of its colour (the palette's,
+    unblended) and its name are drawn on a darkened box with Pillow's default font, sized to
+    the picture. Classes beyond :data:`LEGEND_MAX_ROWS` or the rows that fit are summed up as
+    ``+N more``; a picture too small for one row is returned unchanged.
+
+    Args:
+        picture: ``uint8`` ``(H, W, 3)``, e.g. from :func:`overlay`.
+        labels: Integer ``(H, W)`` label map the picture shows.
+        palette: As for :func:`colorize`.
+        class_names: Names by class index (``class <i>`` where missing).
+        ignore_index: Label left out of the legend; ``None`` for none.
+
+    Returns:
+        ``uint8`` array ``(H, W, 3)``.
+    """
+    picture = np.asarray(picture)
+    if picture.ndim != 3 or picture.shape[2] != 3:
+        raise ValueError(f"picture must be (H, W, 3), got shape {picture.shape}")
+    present = classes_present(_mask_array(labels), ignore_index)
+    return draw_legend_band(picture, 0, picture.shape[0], present, palette, class_names)
+
+
+def classes_present(labels: np.ndarray, ignore_index: int | None = 255) -> list[int]:
+    """Sorted class indices in ``labels`` (``ignore_index`` and negative values left out)."""
+    values = np.asarray(labels).ravel()
+    values = values[values >= 0].astype(np.int64, copy=False)
+    counts = np.bincount(values) if values.size else np.zeros(0, np.int64)
+    return [int(i) for i in np.flatnonzero(counts) if i != ignore_index]
+
+
+def draw_legend_band(
+    band: np.ndarray,
+    top: int,
+    height: int,
+    classes: Sequence[int],
+    palette: PaletteLike | None = None,
+    class_names: Sequence[str] | None = None,
+) -> np.ndarray:
+    """:func:`draw_legend` on the rows ``top .. top + len(band)`` of a picture of ``height``
+    rows: the same pixels there as on the whole picture, for pictures written strip by strip
+    (the band must hold the box's rows, :meth:`LegendLayout.box_height`, to show all of it).
+
+    Args:
+        band: ``uint8`` ``(h, W, 3)`` rows of the picture (not changed).
+        top: the band's first row in the picture.
+        height: the picture's height.
+        classes: the class indices the legend names (those present in the whole picture).
+        palette, class_names: as for :func:`draw_legend`.
+    """
+    out = np.array(band, dtype=np.uint8, copy=True)
+    layout = legend_layout(height, out.shape[1])
+    if not classes or not layout.fit:
+        return out
+    top_classes = max(classes) + 1
+    colors = parse_palette(palette) if palette is not None else default_palette(top_classes)
+    names = list(class_names or [])
+    entries: list[tuple[Color | None, str]] = [
+        (colors[i], names[i] if i < len(names) else f"class {i}") for i in classes
+    ]
+    if len(entries) > layout.fit:
+        rest = len(entries) - layout.fit + 1
+        entries = [*entries[: layout.fit - 1], (None, f"+{rest} more")]
+    box_top = height - layout.box_height(len(entries)) - top  # in the band's rows
+    return _draw_entries(out, entries, layout, box_top)
+
+
+def _legend_font(size: int) -> Any:
+    """Pillow's default font at ``size`` pixels (its fixed bitmap font on Pillow < 10.1)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: no size
+        return ImageFont.load_default()
+
+
+def _legend_text(name: object, font: Any) -> str:
+    text = " ".join(str(name).split())[:32]  # one line, not too long
+    if not isinstance(font, ImageFont.FreeTypeFont):  # the bitmap font draws Latin-1 only
+        text = text.encode("latin-1", "replace").decode("latin-1")
+    return text
+
+
+def _draw_entries(
+    out: np.ndarray, entries: list[tuple[Color | None, str]], layout: LegendLayout, box_top: int
+) -> np.ndarray:
+    """Draw ``(colour, name)`` rows in a darkened box whose first row is ``box_top`` of
+    ``out`` (negative: above the band; what falls outside the band is not drawn)."""
+    font, side, pad = layout.font, layout.side, layout.pad
+    texts = [_legend_text(name, font) for _, name in entries]
+    box_w = min(out.shape[1], int(3 * pad + side + max(font.getlength(t) for t in texts) + 1))
+    rows = slice(max(0, box_top), max(0, box_top + layout.box_height(len(entries))))
+    out[rows, :box_w] = (out[rows, :box_w] * 0.3).astype(np.uint8)
+    img = Image.fromarray(out)
+    draw = ImageDraw.Draw(img)
+    left, top = layout.text_offset
+    for k, ((color, _), text) in enumerate(zip(entries, texts)):
+        y = box_top + pad + k * layout.row
+        if color is not None:  # "+N more" has no swatch
+            draw.rectangle([pad, y, pad + side - 1, y + side - 1], fill=color, outline="white")
+        draw.text((2 * pad + side - left, y - top), text, fill="white", font=font)
+    return np.asarray(img).copy()

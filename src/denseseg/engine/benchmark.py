@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from denseseg.checkpoint import atomic_write
+from denseseg.choices import DEFAULT_BENCHMARK_PATHS
 from denseseg.errors import ConfigError, DensesegError
 from denseseg.inference.fast import PATHS as TORCH_PATHS
 from denseseg.inference.runtimes import make_runtime
@@ -101,15 +102,7 @@ PATHS: dict[str, PathSpec] = {
     ]
 }
 """Every path the benchmark knows, by name (``channels_last+bf16``: that path in bfloat16)."""
-DEFAULT_PATHS = (
-    "eager",
-    "channels_last",
-    "channels_last+bf16",
-    "trace",
-    "compile",
-    "onnxruntime",
-    "openvino",
-)
+DEFAULT_PATHS = DEFAULT_BENCHMARK_PATHS
 
 
 def parse_paths(names: Sequence[str] | None) -> list[PathSpec]:

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.distributed
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from denseseg.data.io import atomic_write
 from denseseg.data.registry import get_dataset
@@ -36,6 +35,7 @@ from denseseg.inference.instance_segmenter import InstanceSegmenter
 from denseseg.inference.segmenter import Segmenter
 from denseseg.metrics import SegmentationMetrics, format_table, save_results
 from denseseg.metrics.coco import CocoInstanceMetrics, format_coco_table
+from denseseg.progress import tqdm
 
 __all__ = [
     "eval_batches",

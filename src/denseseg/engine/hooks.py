@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tqdm.auto import tqdm
-
 from denseseg.engine.distributed import is_main
 from denseseg.engine.precise_bn import calibration_batches, recompute_bn_stats
+from denseseg.progress import tqdm
 
 if TYPE_CHECKING:
     from denseseg.engine.trainer import Trainer
@@ -233,8 +232,11 @@ def _open_tensorboard(out: Path, enabled: bool) -> Any:
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # an optional dependency: the CSV log is always written
-        log.warning("tensorboard is not installed; writing CSV logs only")
+    except ImportError:  # the extra denseseg[tb]; on by default, so skipped, not refused
+        log.warning(
+            "TensorBoard logging skipped: tensorboard is not installed (pip install "
+            "'denseseg[tb]'; train.tensorboard=false silences this); log.csv is written"
+        )
         return None
     return SummaryWriter(str(out / "tb"))
 

@@ -35,7 +35,13 @@ from torch import Tensor
 
 from denseseg.checkpoint import atomic_write
 from denseseg.data import io as data_io
-from denseseg.data.palette import overlay, palette_to_flat
+from denseseg.data.palette import (
+    classes_present,
+    draw_legend_band,
+    legend_layout,
+    overlay,
+    palette_to_flat,
+)
 from denseseg.errors import DataError
 from denseseg.inference.segmenter import Segmenter
 from denseseg.inference.slide import ImageRows, StreamedRows
@@ -423,12 +429,52 @@ def predict_large_file(
     step = _rows_per_chunk(width, 3 * 12)  # the blend holds a few float copies of a chunk
     with atomic_write(label_path, "mask") as label_fh, atomic_write(overlay_path, "image") as fh:
         labels = PngWriter(label_fh, (height, width), 1, segmenter.palette)
-        blends = PngWriter(fh, (height, width), 3, level=1)
+        blends = _LegendTail(PngWriter(fh, (height, width), 3, level=1), segmenter, height)
         for top, block in segmenter.predict_strips(source):
             labels.write(block.numpy())
+            blends.saw(block)
             for r in range(0, block.shape[0], step):
                 rows = source.rows(top + r, top + min(r + step, block.shape[0]))
                 blend = overlay(rows, block[r : r + step], segmenter.palette, alpha=alpha)
                 blends.write(blend)
         labels.close()
         blends.close()
+
+
+class _LegendTail:
+    """The overlay's rows on their way to the PNG writer: the last rows, where the class legend
+    goes (:func:`~denseseg.data.palette.draw_legend_band`, bottom-left corner), are held back
+    until every class present is known; the others are written at once."""
+
+    def __init__(self, writer: PngWriter, segmenter: Segmenter, height: int) -> None:
+        self.writer, self.segmenter, self.height = writer, segmenter, height
+        layout = legend_layout(height, writer.size[1])
+        self.start = height - min(height, layout.box_height(segmenter.num_classes))
+        self.row = 0
+        self.held: list[np.ndarray] = []
+        self.present: set[int] = set()
+
+    def saw(self, labels: Tensor) -> None:
+        """Note the classes of a strip of labels."""
+        self.present.update(classes_present(labels.numpy()))
+
+    def write(self, rows: np.ndarray) -> None:
+        cut = min(len(rows), max(0, self.start - self.row))
+        if cut:
+            self.writer.write(rows[:cut])
+        if cut < len(rows):
+            self.held.append(rows[cut:])
+        self.row += len(rows)
+
+    def close(self) -> None:
+        if self.held:
+            band = draw_legend_band(
+                np.concatenate(self.held),
+                self.start,
+                self.height,
+                sorted(self.present),
+                self.segmenter.palette,
+                self.segmenter.class_names,
+            )
+            self.writer.write(band)
+        self.writer.close()

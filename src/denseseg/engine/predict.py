@@ -26,10 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from denseseg.data import io as data_io
-from denseseg.data.palette import overlay
+from denseseg.data.palette import draw_legend, overlay
 from denseseg.engine import distributed as dist
 from denseseg.engine import large_image
 from denseseg.engine.evaluate import inference_group
@@ -39,6 +38,7 @@ from denseseg.errors import ConfigError, DataError, DensesegError
 from denseseg.inference.instance_segmenter import InstanceSegmenter
 from denseseg.inference.segmenter import Segmenter
 from denseseg.metrics.coco import encode_masks
+from denseseg.progress import tqdm
 
 log = logging.getLogger("denseseg")
 
@@ -107,7 +107,8 @@ def predict_folder(
 ) -> Predictions:
     """Segment an image file or the images of a folder into the folder ``out``.
 
-    Each input ``STEM.EXT`` gets ``STEM.png`` (palette label map), ``STEM_overlay.png`` and,
+    Each input ``STEM.EXT`` gets ``STEM.png`` (palette label map), ``STEM_overlay.png`` (the
+    image's size, with a legend of the classes present in its bottom-left corner) and,
     with ``probs``, ``STEM_probs.npy`` (float16 class probabilities ``(K, H, W)``); an instance
     model gives ``STEM_instances.png`` per input and ``results.json`` (see
     :func:`predict_instances`). Nothing is written until every output name is known to be free
@@ -294,21 +295,54 @@ def predict_semantic(
         for i in range(0, len(files), batch_size):
             chunk = files[i : i + batch_size]
             images = [data_io.read_image(p) for p in chunk]
-            labels, chunk_probs = segmenter.predict_batch(images, return_probs=probs)
+            labels, chunk_probs = segmenter.predict_batch(
+                images, return_probs=probs, on_pass=_pass_note(bar)
+            )
+            bar.set_postfix_str("", refresh=False)
             for k, (path, image, label) in enumerate(zip(chunk, images, labels)):
-                label_path, overlay_path, *probs_path = plan[path]
-                check(label_path, path)
-                data_io.write_mask(label_path, label, palette=segmenter.palette)
-                check(overlay_path, path)
-                data_io.write_image(
-                    overlay_path, overlay(image, label, segmenter.palette, alpha=alpha)
+                image_probs = None if chunk_probs is None else chunk_probs[k]
+                _write_semantic(
+                    segmenter, path, plan[path], image, label, image_probs, alpha, check
                 )
-                if chunk_probs is not None:
-                    check(probs_path[0], path)
-                    with data_io.atomic_write(probs_path[0], "probabilities") as fh:
-                        np.save(fh, chunk_probs[k].numpy().astype(np.float16))
-            bar.update(len(chunk))
+                bar.update(1)  # per image, as each one's files are written
     return len(plan)
+
+
+def _pass_note(bar: Any) -> Callable[[int, int], None]:
+    """``on_pass`` of :meth:`Segmenter.predict_batch`: the bar shows ``pass 3/8`` while a batch
+    goes through several passes (test-time augmentation, slide windows per image)."""
+
+    def note(done: int, total: int) -> None:
+        if total > 1:
+            bar.set_postfix_str(f"pass {done}/{total}")
+
+    return note
+
+
+def _write_semantic(
+    segmenter: Segmenter,
+    path: Path,
+    targets: list[Path],
+    image: Tensor,
+    label: Tensor,
+    probs: Tensor | None,
+    alpha: float,
+    check: BeforeWrite,
+) -> None:
+    """One input's label map (palette PNG, the labels alone), overlay with the class legend
+    (:func:`~denseseg.data.palette.draw_legend`, bottom-left corner, the image's size) and
+    probabilities (when planned)."""
+    label_path, overlay_path, *probs_path = targets
+    check(label_path, path)
+    data_io.write_mask(label_path, label, palette=segmenter.palette)
+    check(overlay_path, path)
+    picture = overlay(image, label, segmenter.palette, alpha=alpha)
+    picture = draw_legend(picture, label, segmenter.palette, segmenter.class_names)
+    data_io.write_image(overlay_path, picture)
+    if probs is not None:
+        check(probs_path[0], path)
+        with data_io.atomic_write(probs_path[0], "probabilities") as fh:
+            np.save(fh, probs.numpy().astype(np.float16))
 
 
 def _streamed_inputs(segmenter: Segmenter, files: Sequence[Path], probs: bool) -> list[Path]:

@@ -37,13 +37,13 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from denseseg.data import io as data_io
 from denseseg.data.palette import overlay
 from denseseg.engine.outputs import NoClobber, check_out_folder, refuse_out_in_input
 from denseseg.errors import ConfigError, DataError
 from denseseg.inference.segmenter import Segmenter
+from denseseg.progress import tqdm
 
 log = logging.getLogger("denseseg")
 

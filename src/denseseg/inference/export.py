@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from denseseg.checkpoint import atomic_write
+from denseseg.choices import EXPORT_FORMATS
 from denseseg.errors import CheckpointError, ConfigError
 from denseseg.inference.build import first_line
 
@@ -56,7 +57,7 @@ __all__ = [
     "segmenter_meta",
 ]
 
-FORMATS = ("onnx", "torchscript", "pt2")
+FORMATS = EXPORT_FORMATS
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts", "pt2": ".pt2"}
 FORMAT_TAG = "denseseg-export/1"
 META_FILE = "denseseg.json"

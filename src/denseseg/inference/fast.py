@@ -38,6 +38,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.resnet import ResNet as TorchvisionResNet
 
 from denseseg.backbones.resnet import ResNetBackbone
+from denseseg.choices import PRECISIONS
 from denseseg.errors import ConfigError
 from denseseg.layers import ConvNormAct
 
@@ -55,7 +56,6 @@ __all__ = [
 ]
 
 PATHS = ("eager", "channels_last", "trace", "compile")
-PRECISIONS = ("fp32", "bf16")
 # Inductor options of the compile path per precision (see the module docstring); "freezing"
 # makes the weights constants (the runtime runs in no_grad), so bfloat16 casts of them fold.
 COMPILE_OPTIONS: dict[str, dict[str, bool]] = {"fp32": {}, "bf16": {"freezing": True}}

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from denseseg.choices import BACKENDS
 from denseseg.errors import ConfigError
 from denseseg.inference.fast import PATHS, EagerRuntime, autocast_dtype, torch_runtime
 
@@ -30,7 +31,6 @@ __all__ = ["BACKENDS", "DEFAULT_FAST_PATH", "EagerRuntime", "fast_path", "make_r
 
 log = logging.getLogger("denseseg")
 
-BACKENDS = ("torch", "onnxruntime", "openvino")
 DEFAULT_FAST_PATH = "trace"
 """The torch path of ``fast=True`` for a model with no measured configuration."""
 

@@ -54,10 +54,11 @@ Inputs (:func:`as_image`): a uint8 tensor ``(C, H, W)``, a uint8 numpy array ``(
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from denseseg.choices import MODES, TTA
 from denseseg.data.io import read_image
 from denseseg.data.palette import default_palette
 from denseseg.errors import ConfigError, DataError
@@ -80,8 +82,6 @@ from denseseg.inference.slide import (
     tile_rows,
 )
 
-MODES = ("whole", "slide", "overlap_tile")
-TTA = ("none", "hflip", "d4", "ms")
 MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 """Scales of ``tta="ms"`` by default: DeepLab's and mmsegmentation's (0.5 to 1.75)."""
 # Each transform is (scale, quarter turns k, mirror): x -> rot90(flip(resize(x)), k).
@@ -205,6 +205,10 @@ def _from_pil(img: Image.Image) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr).copy())
 
 
+class Cancelled(Exception):
+    """:attr:`Segmenter.should_stop` said to stop before a forward pass."""
+
+
 class Segmenter:
     """Run a semantic segmentation model on images.
 
@@ -302,6 +306,9 @@ class Segmenter:
         self.amp = amp and self.device.type == "cuda"
         self.meta = dict(meta or {})
         self.valid = getattr(model, "padding", "same") == "valid"
+        # Asked before every forward pass (window, tile, TTA pass): True stops the work with
+        # Cancelled (a server whose client has given up).
+        self.should_stop: Callable[[], bool] | None = None
         # As given, so that with_options can switch modes and keep the window or tile asked for.
         self._window_options = (tile_size, crop_size, stride, weighting, window_batch)
         self._set_mode(mode, tile_size, crop_size, stride, weighting, window_batch)
@@ -420,20 +427,29 @@ class Segmenter:
         finally:
             self.model.train(was_training)
 
+    @property
+    def passes(self) -> int:
+        """Passes over each image: 1, or the number of test-time augmentation transforms."""
+        return 1 if self.tta == "none" else len(self._transforms())
+
     @torch.no_grad()
-    def logits(self, x: Tensor) -> Tensor:
+    def logits(self, x: Tensor, on_pass: Callable[[], None] | None = None) -> Tensor:
         """Logits for a normalised batch ``(N, C, H, W)`` -> ``(N, K, H, W)`` (K = 1 for binary).
 
         Valid-padding models are run through the tiler (one tile in ``"whole"`` mode) so the
         output covers every pixel. With test-time augmentation the returned logits are the log
         of the averaged probabilities (logit of the averaged sigmoid for a binary model), so
-        that softmax, sigmoid and arg-max of them are those of the average.
+        that softmax, sigmoid and arg-max of them are those of the average. ``on_pass`` is
+        called after each of the :attr:`passes` (e.g. to move a progress bar).
         """
         x = x.to(self.device)
+        tick = on_pass or (lambda: None)
         with self._eval_mode():
             if self.tta == "none":
-                return self._single_logits(x)
-            return self._tta_logits(x, self._transforms())
+                out = self._single_logits(x)
+                tick()
+                return out
+            return self._tta_logits(x, self._transforms(), tick)
 
     def _single_logits(self, x: Tensor) -> Tensor:
         """One pass in the Segmenter's mode: ``x (N, C, H, W)`` -> float32 ``(N, K, H, W)``."""
@@ -470,7 +486,12 @@ class Segmenter:
             mirror=mirror,
         )
 
-    def _tta_logits(self, x: Tensor, transforms: Sequence[tuple[float, int, bool]]) -> Tensor:
+    def _tta_logits(
+        self,
+        x: Tensor,
+        transforms: Sequence[tuple[float, int, bool]],
+        on_pass: Callable[[], None] = lambda: None,
+    ) -> Tensor:
         h, w = x.shape[-2:]
         total: Tensor | None = None
         for scale, k, mirror in transforms:
@@ -486,6 +507,7 @@ class Segmenter:
                 out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
             p = torch.sigmoid(out) if self.binary else out.softmax(1)
             total = p if total is None else total + p
+            on_pass()
         assert total is not None
         return self._mean_to_logits(total, len(transforms))
 
@@ -497,6 +519,8 @@ class Segmenter:
         return torch.log(p)
 
     def _forward(self, x: Tensor) -> Tensor:
+        if self.should_stop is not None and self.should_stop():
+            raise Cancelled("segmentation cancelled")
         return self.runtime(x)
 
     def _tiled_logits(self, x: Tensor, tile_size: tuple[int, int] | None) -> Tensor:
@@ -540,7 +564,10 @@ class Segmenter:
 
     @torch.no_grad()
     def predict_batch(
-        self, images: Sequence[ImageLike], return_probs: bool = False
+        self,
+        images: Sequence[ImageLike],
+        return_probs: bool = False,
+        on_pass: Callable[[int, int], None] | None = None,
     ) -> tuple[list[Tensor], list[Tensor] | None]:
         """Segment images of possibly different sizes.
 
@@ -552,6 +579,8 @@ class Segmenter:
             images: images as :func:`as_image` takes them, typically uint8 tensors
                 ``(C, H_i, W_i)``.
             return_probs: also return class probabilities ``(K, H_i, W_i)`` per image.
+            on_pass: called as ``on_pass(done, total)`` after each forward pass over the batch
+                (``total``: :attr:`passes`, times the images in ``"slide"`` mode).
 
         Returns:
             (labels, probs): int64 label maps ``(H_i, W_i)``, and probabilities or None.
@@ -562,9 +591,11 @@ class Segmenter:
         xs = [self.preprocess(as_image(im)) for im in images]
         groups = [[x] for x in xs] if self.mode == "slide" else [xs]
         labels, outs = [], []
+        done, total = itertools.count(1), len(groups) * self.passes
+        tick = (lambda: on_pass(next(done), total)) if on_pass is not None else None
         for group in groups:
             batch, sizes = pad_batch(group, value=0.0)
-            logits = self.logits(batch)
+            logits = self.logits(batch, tick)
             labels_b = self._labels(logits)
             probs = torch.sigmoid(logits) if self.binary else None
             if return_probs and not self.binary:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from denseseg.errors import ConfigError
+from denseseg.errors import ConfigError, require_extra
 
 __all__ = ["COCO_STATS", "CocoInstanceMetrics", "encode_masks", "format_coco_table"]
 
@@ -39,14 +39,13 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+def _pycocotools(module: str) -> Any:
+    """``pycocotools.<module>`` (the extra denseseg[coco]), imported when first needed."""
+    return require_extra(f"pycocotools.{module}", "coco", "COCO evaluation (pycocotools)")
+
+
 def _mask_utils() -> Any:
-    try:
-        from pycocotools import mask
-    except ImportError as exc:  # a declared dependency, but a stripped install may lack it
-        raise ConfigError(
-            "COCO metrics need pycocotools; install it with `pip install pycocotools`"
-        ) from exc
-    return mask
+    return _pycocotools("mask")
 
 
 def encode_masks(masks: Tensor) -> list[dict[str, Any]]:
@@ -85,6 +84,7 @@ class CocoInstanceMetrics:
     def __init__(self, class_names: Sequence[str], max_detections: int = 100) -> None:
         if len(class_names) < 2:
             raise ConfigError("instance evaluation needs background plus at least one class")
+        _pycocotools("cocoeval")  # missing: say so now, not after the predictions
         self.class_names = list(class_names)
         self.max_detections = int(max_detections)
         self.images: list[dict[str, Any]] = []
@@ -142,9 +142,7 @@ class CocoInstanceMetrics:
         return image_id
 
     def _ground_truth(self) -> Any:
-        from pycocotools.coco import COCO
-
-        gt = COCO()
+        gt = _pycocotools("coco").COCO()
         gt.dataset = {
             "images": self.images,
             "annotations": self.gts,
@@ -155,8 +153,8 @@ class CocoInstanceMetrics:
         return gt
 
     def _evaluate(self, gt: Any, iou_type: str) -> list[float]:
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
+        COCO = _pycocotools("coco").COCO  # noqa: N806 (pycocotools' class names)
+        COCOeval = _pycocotools("cocoeval").COCOeval  # noqa: N806
 
         drop = "segmentation" if iou_type == "bbox" else "bbox"
         dets = [{k: v for k, v in d.items() if k != drop} for d in self.dets]

@@ -22,6 +22,11 @@ writes into the first), then this package folder. ``pack`` never writes into the
 package unasked: without ``out_dir`` it needs the variable. A user model named like a model
 shipped in the package (``camvid``) is packed only with ``force=True``, and loading it logs a
 warning naming the file used. Loading checks the weights against the sha256 stored in the JSON.
+
+A ``NAME.json`` names no folder of the machine it was packed on: every absolute path in it (the
+recipe's ``data.root`` and ``train.out_dir``, a note) is cut to its last component
+(``/data/camvid`` -> ``camvid``, see :func:`portable`), so the shipped files say which dataset a
+model was trained on but not where it lay.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ __all__ = [
     "list_builtin",
     "load_builtin",
     "pack",
+    "portable",
     "read_meta",
     "store_fast",
     "unknown_model_message",
@@ -77,6 +83,8 @@ MAX_BYTES = 25 * 1024 * 1024
 FORMAT = "denseseg-pretrained/1"
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
+# An absolute path: POSIX (/...), a home folder (~...), Windows (C:\..., C:/..., \\server\...).
+ABSOLUTE_PATH = re.compile(r"^(?:/|~|[A-Za-z]:[\\/]|\\\\)")
 # Checkpoint entries copied into the JSON as they are (all plain lists, numbers and strings);
 # the last three are an instance model's (COCO category ids, the reader and its options).
 _META_KEYS = (
@@ -256,6 +264,7 @@ def pack(
         else:
             meta[key] = value
     _check_segmenter_settings(meta["segmenter"], name, getattr(model, "task", "semantic"))
+    meta = portable(meta)
 
     out.mkdir(parents=True, exist_ok=True)
     weights_path, json_path = out / f"{name}.safetensors", out / f"{name}.json"
@@ -366,6 +375,22 @@ def _semantic_settings(seg: Mapping[str, Any]) -> dict[str, Any]:
     """The settings that differ from the Segmenter's defaults (whole image, no TTA)."""
     defaults = {"mode": "whole", "tile_size": None, "tta": "none", "weighting": "uniform"}
     return {k: v for k, v in seg.items() if v is not None and v != defaults.get(k)}
+
+
+def portable(obj: Any) -> Any:
+    """A copy of the JSON-ready ``obj`` with every string that is an absolute path
+    (:data:`ABSOLUTE_PATH`) cut to its last component: ``"/work/data/camvid"`` -> ``"camvid"``,
+    ``"C:\\runs\\exp\\"`` -> ``"exp"``; other values are kept as they are."""
+    if isinstance(obj, str):
+        if not ABSOLUTE_PATH.match(obj):
+            return obj
+        parts = [p for p in re.split(r"[\\/]+", obj) if p not in ("", "~")]
+        return parts[-1] if parts and not ABSOLUTE_PATH.match(parts[-1] + "/") else ""
+    if isinstance(obj, Mapping):
+        return {k: portable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [portable(v) for v in obj]
+    return obj
 
 
 def _plain(obj: Any) -> Any:
@@ -511,7 +536,8 @@ def store_fast(
             f"in {', '.join(PRECISIONS)}"
         )
     meta["fast"] = _plain(dict(fast))
-    _write(files[0], (json.dumps(_plain(meta), indent=2) + "\n").encode(), "built-in model file")
+    text = json.dumps(portable(_plain(meta)), indent=2) + "\n"
+    _write(files[0], text.encode(), "built-in model file")
     return files[0]
 
 

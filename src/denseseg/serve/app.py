@@ -16,7 +16,7 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Hashable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -28,11 +28,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
+from denseseg.data import sample_scenes as samples
 from denseseg.data.io import read_image_bytes
 from denseseg.errors import ConfigError, DensesegError, ImageTooLargeError, NotAnImageError
 from denseseg.inference.segmenter import TTA, Segmenter
-from denseseg.serve import encode, samples
+from denseseg.serve import encode
 from denseseg.serve.batcher import Batcher, QueueFull
 from denseseg.serve.metrics import CONTENT_TYPE, Metrics
 from denseseg.serve.settings import ACCEPTED_FORMATS, ServeSettings
@@ -83,9 +85,16 @@ class ServerState:
             self._variants[key] = self.seg.with_options(mode=mode, tta=tta)
         return self._variants[key]
 
-    def _predict(self, key: Hashable, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def _predict(
+        self, key: Hashable, images: Sequence[torch.Tensor], stop: Callable[[], bool]
+    ) -> list[torch.Tensor]:
         mode, tta, _shape = key  # type: ignore[misc]
-        return self.variant(mode, tta).predict_batch(list(images))[0]
+        seg = self.variant(mode, tta)
+        seg.should_stop = stop  # checked before each window, tile and pass: a timed-out
+        try:  # request does not hold the model for the requests behind it
+            return seg.predict_batch(list(images))[0]
+        finally:
+            seg.should_stop = None
 
     def model_info(self) -> dict[str, Any]:
         s = self.settings
@@ -100,7 +109,7 @@ class ServerState:
             "backend": self.seg.backend,
             "max_upload_bytes": s.max_upload_bytes,
             "max_pixels": s.max_pixels,
-            "max_files": s.max_files,
+            "max_files": s.files_limit,
         }
 
 
@@ -121,7 +130,7 @@ def create_app(predictor: Segmenter, settings: ServeSettings | None = None) -> F
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        state.batcher.close()
+        await asyncio.to_thread(state.batcher.close)  # waits for the batch running
 
     app = FastAPI(
         title="denseseg",
@@ -164,14 +173,6 @@ def _install_errors(app: FastAPI) -> None:
 def _install_guards(app: FastAPI, state: ServerState) -> None:
     """Cross-origin refusal, the token check, and the metrics of every request."""
     settings = state.settings
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=list(settings.cors_origins),
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"],
-            expose_headers=["X-Inference-Ms"],
-        )
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):  # type: ignore[no-untyped-def]
@@ -183,10 +184,27 @@ def _install_guards(app: FastAPI, state: ServerState) -> None:
         state.metrics.observe(name, response.status_code, time.monotonic() - start)
         return response
 
+    if settings.cors_origins:  # added last: it wraps the guard, so refusals carry its headers
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["X-Inference-Ms"],
+        )
+
 
 def _refusal(request: Request, settings: ServeSettings) -> JSONResponse | None:
     """A 403 for a cross-origin request from an origin not allowed, a 401 for a missing or
     wrong token on the API; None to go on."""
+    host = request.headers.get("host", "")
+    if settings.allowed_hosts and _hostname(host) not in settings.allowed_hosts:
+        return _error(
+            400,
+            "invalid_host",
+            f"Host {host!r} is not a name of this server (a guard against DNS rebinding); "
+            "call it by one of: " + ", ".join(settings.allowed_hosts),
+        )
     origin = request.headers.get("origin")
     if origin and not _same_host(origin, request) and origin not in settings.cors_origins:
         return _error(
@@ -213,6 +231,13 @@ def _refusal(request: Request, settings: ServeSettings) -> JSONResponse | None:
             {"WWW-Authenticate": "Bearer"},
         )
     return None
+
+
+def _hostname(host: str) -> str:
+    """``example.org`` of ``example.org:8000``, ``::1`` of ``[::1]:8000``."""
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
 
 
 def _same_host(origin: str, request: Request) -> bool:
@@ -275,7 +300,7 @@ def _add_segment(app: FastAPI, state: ServerState) -> None:
     ) -> Response:
         opts = _options(request, state)
         async with _admitted(state):
-            (name, data), *_ = await _uploads(request, state.settings, "file", single=True)
+            (name, data), *_ = await _received(request, state.settings, "file", single=True)
             image, labels, ms = await _segment_one(state, opts, name, data)
             return await run_in_threadpool(_respond, state, opts, image, labels, ms)
 
@@ -289,14 +314,43 @@ def _add_segment(app: FastAPI, state: ServerState) -> None:
     ) -> dict[str, Any]:
         opts = _options(request, state)
         async with _admitted(state):
-            files = await _uploads(request, state.settings, "files", single=False)
-            # Submitted together, so that the batcher can put them in one forward pass.
-            done = await asyncio.gather(*(_segment_one(state, opts, n, d) for n, d in files))
+            files = await _received(request, state.settings, "files", single=False)
+            done = await _segment_all(state, opts, files)
             items = []
             for (name, _), (image, labels, ms) in zip(files, done, strict=True):
                 item = await run_in_threadpool(_batch_item, state, opts, image, labels)
                 items.append({"name": name, "inference_ms": ms, **item})
             return {"results": items}
+
+
+async def _segment_all(
+    state: ServerState, opts: dict[str, Any], files: list[tuple[str, bytes]]
+) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """Every file of a batch request, submitted together (so that the batcher can put them in
+    one forward pass); when one fails, the others are dropped, not computed for nobody."""
+    tasks = [asyncio.ensure_future(_segment_one(state, opts, n, d)) for n, d in files]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
+
+
+async def _received(
+    request: Request, settings: ServeSettings, field: str, single: bool
+) -> list[tuple[str, bytes]]:
+    """:func:`_uploads` within the request's time: a client that sends its body slowly gets
+    408 after ``timeout_s`` and frees its place."""
+    try:
+        async with asyncio.timeout(settings.timeout_s):
+            return await _uploads(request, settings, field, single)
+    except TimeoutError:
+        raise ApiError(
+            408, "request_timeout", f"the upload took over {settings.timeout_s:g} s; send it again"
+        ) from None
+    except ClientDisconnect:  # the client went away: nobody reads the answer
+        raise ApiError(400, "client_disconnected", "the client closed the connection") from None
 
 
 def _options(request: Request, state: ServerState) -> dict[str, Any]:
@@ -397,9 +451,13 @@ async def _form_files(
     async def replay() -> dict[str, Any]:
         return {"type": "http.request", "body": body, "more_body": False}
 
-    form = await Request(request.scope, replay).form(
-        max_files=settings.max_files + 1, max_fields=settings.max_files + 1
-    )
+    limit = settings.files_limit
+    try:
+        form = await Request(request.scope, replay).form(max_files=limit, max_fields=limit)
+    except StarletteHTTPException as exc:  # python-multipart's refusals
+        if "Maximum number of" in str(exc.detail):
+            raise _too_many(limit) from None
+        raise ApiError(400, "bad_multipart", f"malformed multipart body: {exc.detail}") from None
     try:
         items = form.multi_items()
         others = sorted({k for k, _ in items if k != field})
@@ -412,11 +470,15 @@ async def _form_files(
         files = [v for k, v in items if isinstance(v, UploadFile)]
         if not files:
             raise ApiError(400, "no_file", f"no file in the form field '{field}'")
-        if len(files) > settings.max_files:
-            raise ApiError(400, "too_many_files", f"at most {settings.max_files} images a request")
+        if len(files) > limit:
+            raise _too_many(limit)
         return [(f.filename or "upload", await f.read()) for f in files]
     finally:
         await form.close()
+
+
+def _too_many(limit: int) -> ApiError:
+    return ApiError(400, "too_many_files", f"at most {limit} images a request on this server")
 
 
 async def _segment_one(

@@ -18,7 +18,8 @@ from typing import Any
 
 from torch import Tensor
 
-Predict = Callable[[Hashable, Sequence[Tensor]], Sequence[Any]]
+# predict(key, images, stop): ``stop()`` turns True once every request of the batch has given up.
+Predict = Callable[[Hashable, Sequence[Tensor], Callable[[], bool]], Sequence[Any]]
 
 
 class QueueFull(Exception):
@@ -40,19 +41,27 @@ class _Job:
         def _set() -> None:
             if self.future.done():
                 return
+            if self.cancelled:  # nobody awaits it: an exception would be logged as unretrieved
+                self.future.cancel()
+                return
             if error is not None:
                 self.future.set_exception(error)
             else:
                 self.future.set_result(result)
 
-        self.loop.call_soon_threadsafe(_set)
+        try:
+            self.loop.call_soon_threadsafe(_set)
+        except RuntimeError:  # the event loop has closed (shutdown): nobody is waiting
+            pass
 
 
 class Batcher:
     """Run ``predict(key, images)`` on one thread, batching jobs of the same ``key``.
 
     Args:
-        predict: segments a list of images sharing a key; returns one result per image.
+        predict: ``predict(key, images, stop)`` segments images sharing a key and returns one
+            result per image; it may end early (raising) once ``stop()`` is True, when every
+            request of the batch has timed out.
         max_batch: most images per call.
         wait_s: how long the first job of a batch waits for more of the same key.
         max_queue: most jobs waiting; :meth:`submit` raises :class:`QueueFull` beyond.
@@ -147,8 +156,12 @@ class Batcher:
             return
         if self.on_batch is not None:
             self.on_batch(len(batch))
+
+        def stop() -> bool:
+            return all(job.cancelled for job in batch)
+
         try:
-            results = self.predict(batch[0].key, [job.image for job in batch])
+            results = self.predict(batch[0].key, [job.image for job in batch], stop)
         except Exception as exc:  # the requests of this batch fail, the server goes on
             for job in batch:
                 job.settle(error=exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -34,7 +35,11 @@ class ServeSettings:
         batch_wait_ms: how long the first request of a batch waits for others.
         max_queue: most requests admitted at once (decoding, queued or running); more get 503.
         timeout_s: a request not answered within this many seconds gets 504.
-        max_files: most images of one ``/v1/segment/batch`` request.
+        max_files: most images of one ``/v1/segment/batch`` request (and at most
+            ``max_queue``).
+        allowed_hosts: the names a request's ``Host`` header may give (a guard against DNS
+            rebinding: a web page that makes its own name point at 127.0.0.1); empty: any.
+            ``denseseg serve`` bound to a loopback address allows the loopback names only.
     """
 
     model_name: str = "model"
@@ -47,6 +52,13 @@ class ServeSettings:
     max_queue: int = 16
     timeout_s: float = 30.0
     max_files: int = 16
+    allowed_hosts: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def files_limit(self) -> int:
+        """Most images a batch request may hold: ``max_files``, and no more than the queue
+        takes at once (a larger batch could never be admitted whole)."""
+        return min(self.max_files, self.max_queue)
 
     def __post_init__(self) -> None:
         whole = {"max_upload_bytes": 1, "max_pixels": 1, "max_batch": 1, "max_queue": 1}
@@ -58,8 +70,9 @@ class ServeSettings:
                 raise ConfigError(f"{_flag(name)}={value!r} must be a whole number >= {low}")
         for name in ("batch_wait_ms", "timeout_s"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ConfigError(f"{_flag(name)}={value!r} must be a number >= 0")
+            number = not isinstance(value, bool) and isinstance(value, int | float)
+            if not number or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{_flag(name)}={value!r} must be a finite number >= 0")
         if self.timeout_s == 0:
             raise ConfigError("--timeout must be above 0 seconds")
         for origin in self.cors_origins:
@@ -68,8 +81,16 @@ class ServeSettings:
                     f"--cors-origin {origin!r} must be an origin like https://example.org "
                     "(scheme and host, optional port, no path or trailing slash)"
                 )
-        if self.token is not None and not self.token.strip():
-            raise ConfigError(f"--token (or {TOKEN_ENV}) is empty; give a token or leave it out")
+        if self.token is not None:
+            if not self.token.strip():
+                raise ConfigError(
+                    f"--token (or {TOKEN_ENV}) is empty; give a token or leave it out"
+                )
+            if not (self.token.isascii() and self.token.isprintable()) or " " in self.token:
+                raise ConfigError(
+                    f"--token (or {TOKEN_ENV}) must be printable ASCII without spaces (HTTP "
+                    "headers carry nothing else reliably)"
+                )
 
 
 _FLAGS = {"max_upload_bytes": "max_upload_bytes (--max-upload-mb in MiB)", "timeout_s": "--timeout"}

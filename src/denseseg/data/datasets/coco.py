@@ -50,7 +50,7 @@ from torchvision import tv_tensors
 
 from denseseg.data.datasets.base import SegmentationDataset, unknown_split
 from denseseg.data.palette import default_palette
-from denseseg.errors import ConfigError, DataError
+from denseseg.errors import ConfigError, DataError, require_extra
 
 __all__ = ["COCO_CATEGORIES", "CocoDataset"]
 
@@ -78,12 +78,7 @@ _IGNORE = 255
 
 
 def _load_coco(ann_file: Path) -> Any:
-    try:
-        from pycocotools.coco import COCO
-    except ImportError as exc:  # a declared dependency, but a stripped install may lack it
-        raise ConfigError(
-            "dataset 'coco' needs pycocotools; install it with `pip install pycocotools`"
-        ) from exc
+    COCO = require_extra("pycocotools.coco", "coco", "dataset 'coco'").COCO  # noqa: N806
     if not ann_file.is_file():
         raise DataError(f"annotation file {ann_file} does not exist; the layout is {_LAYOUT}")
     try:

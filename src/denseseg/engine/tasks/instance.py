@@ -24,7 +24,7 @@ from denseseg.engine import distributed as dist
 from denseseg.engine.evaluate import evaluate_instances
 from denseseg.engine.tasks.base import EvalReport, Task
 from denseseg.engine.training_data import TrainingData
-from denseseg.errors import ConfigError
+from denseseg.errors import ConfigError, require_extra
 
 
 def instance_collate(batch: Sequence[tuple[Tensor, dict]]) -> tuple[list[Tensor], list[dict]]:
@@ -41,6 +41,8 @@ class InstanceTask(Task):
     collate = staticmethod(instance_collate)
 
     def check(self, cfg: Config, raw: Any) -> None:
+        # Evaluation (COCO AP, after the last step at least) needs pycocotools: say so now.
+        require_extra("pycocotools.cocoeval", "coco", "training an instance model (COCO AP)")
         check_instance_data(raw, cfg.data)
         if cfg.train.precise_bn:
             raise ConfigError("train.precise_bn applies to semantic models; set it to 0")
