@@ -57,8 +57,9 @@ def test_verbose_and_quiet_exclude_each_other(capsys) -> None:
 
 
 def test_verbose_logs_what_loads(tmp_path) -> None:
-    from conftest import save_em_checkpoint
     from PIL import Image
+
+    from conftest import save_em_checkpoint
 
     ckpt = save_em_checkpoint(tmp_path / "em.pt", "unet", base_channels=4, depth=2)
     Image.new("L", (16, 16)).save(tmp_path / "a.png")
@@ -130,8 +131,9 @@ def test_models_lists_the_built_in_trained_models(capsys) -> None:
 
 
 def test_quiet_prints_no_progress_bar_and_no_log(tmp_path) -> None:
-    from conftest import save_em_checkpoint
     from PIL import Image
+
+    from conftest import save_em_checkpoint
 
     ckpt = save_em_checkpoint(tmp_path / "em.pt", "unet", base_channels=4, depth=2)
     (tmp_path / "in").mkdir()

@@ -48,7 +48,12 @@ def test_train_resume_eval_predict(tiny_dataset: Path, tmp_path: Path, capsys) -
     assert CKPT_KEYS <= set(ckpt)
     assert ckpt["step"] == 8 and ckpt["class_names"] == ["background", "bright", "dark"]
     assert ckpt["config"]["train"]["max_steps"] == 8
-    assert "tiny" not in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert "tiny" not in said.err
+    # The end of training names the run folder's key files, the curves drawn as a picture.
+    assert (run / "curves.png").stat().st_size > 5000
+    for name in ("best.pt", "last.pt", "log.csv", "curves.png", "config.yaml"):
+        assert f"\n  {name} " in said.out, said.out
 
     # Refuses to overwrite a run; resumes and extends it to 12 steps.
     assert main(["train", "unet_demo", *tiny_recipe(tiny_dataset, run)]) == 2
@@ -59,8 +64,8 @@ def test_train_resume_eval_predict(tiny_dataset: Path, tmp_path: Path, capsys) -
                 "train",
                 "unet_demo",
                 *tiny_recipe(tiny_dataset, run),
+                "--resume",  # its optional CKPT does not swallow the override after it
                 "train.max_steps=12",
-                "--resume",
             ]
         )
         == 0

@@ -73,6 +73,10 @@ def _setup_logging(verbose: bool, quiet: bool = False) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from denseseg.config import config_yaml, load_config
 
+    if args.resume and "=" in args.resume and not Path(args.resume).exists():
+        # `--resume train.max_steps=N`: the optional CKPT took an override, which it means
+        args.overrides, args.resume = [*args.overrides, args.resume], ""
+
     cfg = load_config(args.config, args.overrides)  # checked here before torchrun starts
     if args.print_config:  # the resolved recipe: bases merged, overrides applied; no training
         sys.stdout.write(config_yaml(cfg))
@@ -92,8 +96,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = f"; val mask AP {100 * m['segm_AP']:.2f}%"
     else:
         summary = f"; val mIoU {100 * m['mIoU']:.2f}%" if m else ""
-    _say(f"trained {result['step']} steps{summary}; checkpoints in {result['out_dir']}")
+    _say(f"trained {result['step']} steps{summary}; in {result['out_dir']}:")
+    _say("\n".join(f"  {name:<12} {_RUN_FILES[name]}" for name in result.get("files", [])))
     return 0
+
+
+_RUN_FILES = {
+    "best.pt": "the checkpoint that scored best on val (--model for eval, predict, pack)",
+    "last.pt": "the last step's checkpoint (--resume continues from it)",
+    "log.csv": "loss, learning rate and val metrics per step",
+    "curves.png": "the loss and val metric of log.csv as a picture",
+    "config.yaml": "the resolved recipe of this run",
+    "tb": "TensorBoard events (tensorboard --logdir on this folder)",
+}
 
 
 def _launches(args: argparse.Namespace) -> bool:
@@ -890,7 +905,9 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
 
     k = sub.add_parser("pack", help="package a checkpoint as a built-in model (developers)")
     k.add_argument("checkpoint", help="checkpoint (.pt) written by denseseg train")
-    k.add_argument("name", help="built-in name, e.g. camvid")
+    k.add_argument(
+        "name", help="the name to load it by (--model NAME, load_model(NAME)), e.g. my_model"
+    )
     k.add_argument(
         "--out",
         type=_path,

@@ -70,6 +70,10 @@ log = logging.getLogger("denseseg")
 __all__ = ["Trainer", "build_model_for", "seed_everything", "train"]
 
 
+RUN_FILES = ("best.pt", "last.pt", "log.csv", "curves.png", "config.yaml", "tb")
+"""The files of a run folder that matter, in the order ``denseseg train`` lists them."""
+
+
 def train(
     cfg: Config, resume: bool | str | Path = False, hooks: Sequence[HookBase] = ()
 ) -> dict[str, Any]:
@@ -197,13 +201,27 @@ class Trainer:
                 signum,
             )
         best = f"best_{self.task.best_metric}"
+        self._draw_curves()
         return {
             "out_dir": str(self.out),
             "step": self.step,
             best: self.state[best],
             "metrics": self.state["metrics"],
             "checkpoint": str(self.out / "last.pt"),
+            "files": [p.name for p in map(self.out.joinpath, RUN_FILES) if p.exists()],
         }
+
+    def _draw_curves(self) -> None:
+        """``curves.png``: the loss and the validation metric of ``log.csv`` as a picture."""
+        csv = self.out / "log.csv"
+        if not dist.is_main() or not csv.is_file():
+            return
+        from denseseg.viz import plot_training_curves  # matplotlib: imported when needed
+
+        try:
+            plot_training_curves({self.out.name: csv}, self.out / "curves.png")
+        except (OSError, ValueError) as exc:  # a picture is not worth failing a finished run
+            log.warning("curves.png not drawn: %s", exc)
 
     def _loop(self) -> None:
         max_steps, state = self.cfg.train.max_steps, self.state
