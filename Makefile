@@ -25,7 +25,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not heavy"
 
-# Everything, the full-size models' export and backend checks included (about 25 minutes).
+# Everything: also the tests marked heavy (full-size exports, the demo's and Mask R-CNN's training
+# claims, compile, real signals; about 35 minutes on two cores).
 test-all: $(STAMP)
 	$(PY) -m pytest -q
 

@@ -15,6 +15,13 @@ torch.set_num_threads(1)
 PALETTE = [(0, 0, 0), (200, 30, 30), (30, 200, 30)]
 
 
+@pytest.fixture(autouse=True)
+def _cache_outside_home(tmp_path_factory, monkeypatch) -> None:
+    """denseseg's cache (demo data, the models table) in one folder of this test session, not
+    in the user's ~/.cache; a test that needs its own sets DENSESEG_CACHE itself."""
+    monkeypatch.setenv("DENSESEG_CACHE", str(tmp_path_factory.getbasetemp() / "denseseg-cache"))
+
+
 def write_folder_dataset(
     root: Path,
     *,

@@ -107,7 +107,7 @@ def test_models_table_counts_parameters_on_the_meta_device(capsys) -> None:
     from denseseg.catalog import architectures
     from denseseg.models import create_model
 
-    rows = {r["name"]: r for r in architectures("*")}
+    rows = {r["name"]: r for r in architectures("*", cache=False)}
     for name in ("unet", "lraspp_mobilenet_v3_large", "fcn8s"):
         model = create_model(name, num_classes=rows[name]["classes"])  # on the CPU, initialised
         assert rows[name]["params"] == sum(p.numel() for p in model.parameters())
@@ -122,7 +122,7 @@ def test_models_table_counts_parameters_on_the_meta_device(capsys) -> None:
 def test_models_lists_the_built_in_trained_models(capsys) -> None:
     assert main(["models", "--filter", "camvid"]) == 0
     out = capsys.readouterr().out
-    assert "| camvid | lraspp_mobilenet_v3_large | 11 |" in out
+    assert "| camvid | lraspp_mobilenet_v3_large | 11 | CamVid test mIoU 47.1 %" in out
     assert main(["models", "--names"]) == 0
     names = capsys.readouterr().out.split()
     assert names[:2] == ["camvid", "isbi2012"] and "unet" in names
@@ -149,3 +149,34 @@ def test_quiet_prints_no_progress_bar_and_no_log(tmp_path) -> None:
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stderr == ""
     assert "wrote the label maps" in quiet.stdout  # the result is still said
+
+
+def test_models_table_is_kept_so_later_calls_load_no_torch(tmp_path, monkeypatch) -> None:
+    import json
+    import os
+
+    from denseseg import catalog
+    from denseseg.pretrained import list_builtin
+
+    monkeypatch.setenv("DENSESEG_CACHE", str(tmp_path))
+    first = catalog.architectures()
+    kept = json.loads((tmp_path / "models_table.json").read_text())
+    assert kept["rows"] == first and kept["key"] == catalog._fingerprint()
+    code = (
+        "import sys\n"
+        "from denseseg.cli import main\n"
+        "assert main(['models', '--filter', 'unet*']) == 0\n"
+        "print('torch' in sys.modules)"
+    )
+    env = {**os.environ, "DENSESEG_CACHE": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert "| unet_valid | semantic | 31.03 M (21 classes) |" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "False"
+    # Another version of the sources: counted again, not read from the stale table.
+    monkeypatch.setattr(catalog, "_fingerprint", lambda: "another")
+    monkeypatch.setattr(catalog, "_count_all", lambda: [{"name": "fresh"}])
+    assert catalog.architectures() == [{"name": "fresh"}]
+    assert [r["name"] for r in catalog.builtin_models()] == list_builtin()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from coco_fixtures import write_shapes_dataset
@@ -53,6 +54,7 @@ def _torchrun(recipe: str, overrides: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.heavy  # minutes: make test-all
 def test_maskrcnn_trains_and_evaluates_on_two_processes(tmp_path: Path) -> None:
     """Unused heads do not stop DDP; the sharded COCO evaluation scores the whole split once."""
     root = write_shapes_dataset(tmp_path / "data")

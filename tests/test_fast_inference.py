@@ -126,6 +126,7 @@ def test_unknown_path_or_precision_is_one_clear_error() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # minutes: make test-all
 def test_compiled_path_matches_eager() -> None:
     # torch.compile (Inductor, C++ code generation) takes about a minute on two busy cores.
     model = _model("lraspp_mobilenet_v3_large")

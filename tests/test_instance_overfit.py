@@ -43,6 +43,7 @@ def _nuclei_dataset(root: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # minutes: make test-all
 def test_mask_rcnn_learns_the_nuclei_image(tmp_path: Path) -> None:
     # conftest's one thread: on a shared two-core machine two threads run several times slower.
     root = _nuclei_dataset(tmp_path / "nuclei")

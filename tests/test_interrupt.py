@@ -240,6 +240,7 @@ def _wait_for_step(log: Path, step: int, proc: subprocess.Popen, timeout: float 
         time.sleep(0.02)
 
 
+@pytest.mark.heavy  # minutes: make test-all
 def test_real_signals_from_outside(data: Path, tmp_path: Path) -> None:
     """As a user does it, in 3 processes: Ctrl-C in a terminal (SIGINT to the whole process
     group, loader workers included) at a random moment, then `kill` (SIGTERM) of the resumed run,

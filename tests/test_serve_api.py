@@ -612,3 +612,27 @@ def test_a_loopback_server_answers_only_to_loopback_names() -> None:
         for host in ("localhost:8000", "127.0.0.1:8000", "[::1]:8000", "localhost"):
             r = c.post("/v1/segment", content=data, headers={"Host": host})
             assert r.status_code == 200, (host, r.text)
+
+
+@pytest.mark.slow
+def test_an_exported_onnx_file_is_served_with_the_same_answers(tmp_path) -> None:
+    """The server over another backend: an ONNX export of the model, run by ONNX Runtime,
+    answers as the torch model does."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from denseseg.inference.export import export_model, segmenter_meta
+    from denseseg.inference.onnx_backends import load_onnx
+
+    seg = _segmenter()
+    path = export_model(seg.model, segmenter_meta(seg), tmp_path / "tiny.onnx")
+    served = load_onnx(path, device="cpu")
+    assert served.backend == "onnxruntime"
+    data = _png(_image(40, 56, seed=5))
+    with TestClient(create_app(served, ServeSettings(model_name="tiny-onnx"))) as c:
+        info = c.get("/v1/models").json()["models"][0]
+        assert info["backend"] == "onnxruntime" and info["classes"] == CLASSES
+        labels = _labels_of(c.post("/v1/segment", content=data))
+        hflip = _labels_of(c.post("/v1/segment?tta=hflip", content=data))
+    want = seg.predict(read_image_bytes(data)).numpy()
+    assert (labels == want).mean() >= 0.999
+    assert hflip.shape == want.shape

@@ -127,6 +127,7 @@ def _tiny_checkpoint(path: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # minutes: make test-all
 def test_whole_run_against_denseseg_serve(tmp_path: Path, capsys) -> None:
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")

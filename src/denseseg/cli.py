@@ -41,10 +41,12 @@ def _printable(text: str, stream: TextIO) -> str:
 
 def _say(text: str) -> None:
     """Print a result line (rank 0 alone, when several processes run the command)."""
-    from denseseg.engine.distributed import is_main
+    if "torch" in sys.modules:  # without torch loaded there is no process group to ask
+        from denseseg.engine.distributed import is_main
 
-    if is_main():
-        print(_printable(text, sys.stdout))
+        if not is_main():
+            return
+    print(_printable(text, sys.stdout))
 
 
 class _TqdmHandler(logging.Handler):
@@ -396,20 +398,14 @@ def _add_env(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    import fnmatch
-
-    from denseseg.models import list_models
-    from denseseg.pretrained import list_builtin
-
-    if args.names:
-        names = [*list_builtin(), *list_models()]
-        _say("\n".join(n for n in names if args.filter is None or fnmatch.fnmatch(n, args.filter)))
-        return 0
     from denseseg.catalog import architectures, builtin_models, format_tables
 
     archs, builtins = architectures(args.filter), builtin_models(args.filter)
     if not archs and not builtins:
         raise ConfigError(f"no model name matches --filter {args.filter!r}; try '*{args.filter}*'")
+    if args.names:
+        _say("\n".join(row["name"] for row in [*builtins, *archs]))
+        return 0
     _say(format_tables(archs, builtins))
     return 0
 
