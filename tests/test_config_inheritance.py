@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import tomllib
 from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
-import tomllib
 import yaml
 
 from denseseg.cli import main

@@ -164,7 +164,7 @@ def test_pyproject_declares_the_extras() -> None:
     required = " ".join(project["dependencies"])
     assert not any(name in required for name in OPTIONAL)
     extras = project["optional-dependencies"]
-    assert extras["tb"] == ["tensorboard>=2.12"] and extras["coco"] == ["pycocotools>=2.0.7"]
+    assert extras["tb"] == ["tensorboard>=2.21"] and extras["coco"] == ["pycocotools>=2.0.11"]
     assert extras["timm"] == ["timm>=0.9"]
     assert RUNTIME_EXTRAS <= set(extras)
     (everything,) = extras["all"]

@@ -447,7 +447,7 @@ def _measure(
         "flops_per_batch": flops,
         "memory_method": _memory_method(seg.device),
         "machine": machine_info(),
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "reference": ref_info,
         "agreement_thresholds_pct": dict(AGREEMENT),
         "rows": rows,

@@ -342,7 +342,7 @@ def _meta_from_checkpoint(
         "steps": ckpt.get("step"),
         "recipe": config,
         "val_metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     return meta
 
