@@ -392,6 +392,7 @@ except Interrupted as exc:
 """
 
 
+@pytest.mark.heavy  # make test-all: keeps make test under 15 minutes
 def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(
     data: Path, reference: Path, tmp_path
 ) -> None:

@@ -68,6 +68,7 @@ def test_maskrcnn_trains_and_evaluates_on_two_processes(tmp_path: Path) -> None:
     assert 0.0 <= ckpt["metrics"]["segm_AP"] <= 1.0
 
 
+@pytest.mark.heavy  # make test-all: keeps make test under 15 minutes
 def test_two_processes_accumulating_equal_one_with_the_whole_batch(tmp_path: Path) -> None:
     """2 processes x batch 1 x 2 accumulated == 1 process with batch 4: same weights."""
     data = write_folder_dataset(tmp_path / "data", n_train=8)

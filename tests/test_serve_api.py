@@ -553,6 +553,7 @@ def test_denseseg_serve_answers_and_stops_cleanly(tmp_path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # make test-all: keeps make test under 15 minutes
 def test_workers_serve_from_several_processes(tmp_path) -> None:
     proc, url = _start_server(["--workers", "2"], tmp_path)
     try:
@@ -615,6 +616,7 @@ def test_a_loopback_server_answers_only_to_loopback_names() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # make test-all: keeps make test under 15 minutes
 def test_an_exported_onnx_file_is_served_with_the_same_answers(tmp_path) -> None:
     """The server over another backend: an ONNX export of the model, run by ONNX Runtime,
     answers as the torch model does."""

@@ -169,6 +169,7 @@ def test_channels_last_trains_the_same_weights(data, tmp_path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # make test-all: keeps make test under 15 minutes
 def test_compiled_model_trains_the_same_weights(data, tmp_path) -> None:
     """torch.compile (inductor, a C++ compiler on the CPU) fuses the same arithmetic."""
     steps = ["train.max_steps=3", "train.eval_every=0", "train.ckpt_every=0"]
