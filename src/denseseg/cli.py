@@ -853,13 +853,9 @@ def _loopback_names(host: str) -> tuple[str, ...]:
     """The Host names a server bound to ``host`` answers to: the loopback names when it listens
     on a loopback address (no other machine reaches it, so another name in a request is a
     browser tricked by DNS rebinding), any name otherwise."""
-    import ipaddress
+    from denseseg.serve.run import is_loopback  # standard library only: no extra needed
 
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    return ("localhost", "127.0.0.1", "::1", host) if loopback else ()
+    return ("localhost", "127.0.0.1", "::1", host) if is_loopback(host) else ()
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:

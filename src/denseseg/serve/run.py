@@ -114,7 +114,7 @@ def _announce(settings: Any, host: str, port: int, workers: int) -> None:
     shown = f"[{host}]" if ":" in host else host
     procs = f", {workers} worker processes" if workers > 1 else ""
     print(f"denseseg: serving {settings.model_name} at http://{shown}:{port}{procs}", flush=True)
-    if not _loopback(host) and settings.token is None:
+    if not is_loopback(host) and settings.token is None:
         print(
             f"denseseg: warning: {host} is reachable from other machines and no --token is set: "
             "anyone who can reach it can use the API",
@@ -123,7 +123,8 @@ def _announce(settings: Any, host: str, port: int, workers: int) -> None:
         )
 
 
-def _loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine's loopback."""
     if host == "localhost":
         return True
     try:
