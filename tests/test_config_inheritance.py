@@ -145,7 +145,7 @@ def _ancestors(file: Path) -> list[Path]:
 
 
 def test_bases_are_not_trainable_recipes_and_each_is_used() -> None:
-    assert len(BUILTIN) == 11 and BASES
+    assert len(BUILTIN) == 13 and BASES
     with pytest.raises(ConfigError, match="not found"):
         resolve_recipe_path("camvid")  # _base/camvid.yaml is no built-in recipe
     used = {a for f in BUILTIN for a in _ancestors(f)}

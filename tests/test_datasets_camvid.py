@@ -108,3 +108,31 @@ def test_registry_names_formats_and_roots(camvid, tmp_path):
         get_dataset("camvid", tmp_path / "nowhere", "train")
     with pytest.raises(ConfigError, match="'camvid' takes no options, got \\['classes'\\]"):
         get_dataset("camvid", camvid, "train", classes=["a"])
+
+
+def test_drive_folds_keep_or_leave_out_drives(camvid):
+    _add(camvid, "train", "0006R0_f02370.png", LABELS, 4)
+    stems = lambda split: sorted(p.stem for p, _ in get_dataset("camvid", camvid, split).files)  # noqa: E731
+    assert stems("trainval") == ["0001TP_006690", "0001TP_006720", "0006R0_f02370", "0016E5_07959"]
+    assert stems("trainval:-0001TP") == ["0006R0_f02370", "0016E5_07959"]
+    assert stems("trainval:0001TP") == ["0001TP_006690", "0001TP_006720"]
+    assert stems("trainval:-0001TP,0006R0") == ["0016E5_07959"]
+    assert stems("train:0006R0, 0001TP") == ["0001TP_006690", "0001TP_006720", "0006R0_f02370"]
+    # The two halves of a fold split train+val exactly.
+    assert sorted(stems("trainval:-0006R0") + stems("trainval:0006R0")) == stems("trainval")
+
+
+@pytest.mark.parametrize(
+    ("split", "says"),
+    [
+        ("trainval:0001XX", "drive(s) 0001XX not in the split; it holds 0001TP, 0016E5"),
+        ("val:0001TP", "drive(s) 0001TP not in the split; it holds 0016E5"),
+        ("trainval:-", "drive(s) none named"),
+        ("val:-0016E5", "no frames left"),
+        ("nosuch:0001TP", "has no split 'nosuch'"),
+    ],
+)
+def test_drive_selection_errors_name_the_split(camvid, split, says):
+    with pytest.raises(DataError, match=None) as info:
+        get_dataset("camvid", camvid, split)
+    assert says in str(info.value) and "\n" not in str(info.value)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from denseseg.errors import ConfigError
 from denseseg.losses import (
@@ -202,3 +203,62 @@ def test_dice_runs_in_float32_for_half_inputs() -> None:
     logits[:, 1] = 20.0
     loss = DiceLoss()(logits, target)
     assert loss.dtype == torch.float32 and loss.item() < 1e-3
+
+
+# ---------------------------------------------------------------- online hard example mining
+
+
+def _ohem_case() -> tuple[torch.Tensor, torch.Tensor]:
+    # 1 x 3 classes x 2 x 3 pixels; the true class's probability rises from left to right.
+    target = torch.tensor([[[0, 1, 2], [0, 255, 1]]])
+    logits = torch.zeros(1, 3, 2, 3)
+    margins = torch.tensor([[-1.0, 0.5, 2.0], [4.0, 0.0, 6.0]])
+    logits.scatter_(1, target.clamp(max=2).unsqueeze(1), margins.unsqueeze(0).unsqueeze(0))
+    return logits, target
+
+
+def test_ohem_counts_only_pixels_below_the_threshold() -> None:
+    from denseseg.losses.cross_entropy import OhemCrossEntropyLoss
+
+    logits, target = _ohem_case()
+    prob = logits.softmax(1).gather(1, target.clamp(max=2).unsqueeze(1)).squeeze(1)
+    hard = (prob < 0.7) & (target != 255)
+    assert hard.sum() == 2  # the two left-most of the top row
+    expected = F.cross_entropy(logits, torch.where(hard, target, 255), ignore_index=255)
+    loss = OhemCrossEntropyLoss(thresh=0.7, min_kept=1)
+    assert loss(logits, target).item() == pytest.approx(expected.item())
+    # min_kept raises the threshold to keep the hardest 4 of the 5 labelled pixels.
+    four = OhemCrossEntropyLoss(thresh=0.7, min_kept=4)
+    keep = (prob <= prob[target != 255].kthvalue(4).values) & (target != 255)
+    assert keep.sum() == 4
+    expected4 = F.cross_entropy(logits, torch.where(keep, target, 255), ignore_index=255)
+    assert four(logits, target).item() == pytest.approx(expected4.item())
+    # More than the labelled pixels asked for: all of them, plain cross-entropy.
+    every = OhemCrossEntropyLoss(thresh=0.1, min_kept=100)
+    plain = F.cross_entropy(logits, target, ignore_index=255)
+    assert every(logits, target).item() == pytest.approx(plain.item())
+
+
+def test_ohem_statistics_agree_with_forward_and_gradients_skip_easy_pixels() -> None:
+    from denseseg.losses.cross_entropy import OhemCrossEntropyLoss
+
+    logits, target = _ohem_case()
+    logits.requires_grad_(True)
+    loss = OhemCrossEntropyLoss(thresh=0.7, min_kept=1, weight=torch.tensor([1.0, 2.0, 3.0]))
+    value = loss(logits, target)
+    assert loss.from_statistics(loss.statistics(logits, target)).item() == pytest.approx(
+        value.item()
+    )
+    value.backward()
+    grad = logits.grad.abs().sum(1)[0]
+    assert (grad[0, :2] > 0).all() and (grad[0, 2] == 0) and (grad[1] == 0).all()
+
+
+def test_ohem_from_the_recipe() -> None:
+    from denseseg.losses.cross_entropy import OhemCrossEntropyLoss
+
+    loss = build_loss("ce", num_classes=3, ohem_thresh=0.7, ohem_min_kept=10)
+    assert isinstance(loss, OhemCrossEntropyLoss) and (loss.thresh, loss.min_kept) == (0.7, 10)
+    assert type(build_loss("ce", num_classes=3, ohem_thresh=None)) is not OhemCrossEntropyLoss
+    with pytest.raises(ConfigError, match="has no option ohem_thresh"):
+        build_loss("dice", num_classes=3, ohem_thresh=0.7)

@@ -105,7 +105,7 @@ def _calibrate_batch_norm(model: nn.Module) -> None:
     model.train()
     with torch.no_grad():
         for _ in range(2):
-            model(torch.randn(2, 3, 96, 112))
+            model(torch.randn(2, 3, *_sizes(model)[0][2:]))  # a size the model takes
     model.eval()
 
 
@@ -135,7 +135,8 @@ def _check_backends(model: nn.Module, path: Path, noise_floor: bool = False) -> 
 @pytest.mark.parametrize("name", TINY)
 def test_backends_match_eager_and_metadata_reloads(name: str, exported) -> None:
     model, path = exported(name)
-    _check_backends(model, path)
+    # noise_floor: ddrnet23 and ddrnet23_slim are their full widths here (fixed by the variant).
+    _check_backends(model, path, noise_floor=True)
     meta = read_onnx_meta(path)
     assert meta["class_names"] == CLASSES and meta["palette"] == PALETTE
     assert meta["mean"] == [0.4, 0.5, 0.6] and meta["model_name"] == name

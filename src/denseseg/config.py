@@ -63,7 +63,8 @@ class DataCfg:
     ] = "folder"
     root: str | None = None
     train_split: str = "train"
-    val_split: str = "val"
+    # None: no evaluation during training (e.g. when every labelled image is a training one).
+    val_split: str | None = "val"
     # Training crop (h, w); None trains on whole images (they must share one size then).
     crop_size: list[int] | None = None
     # Random resize ratios: relative to each image's own size, or to base_size when given.
@@ -122,6 +123,10 @@ class LossCfg:
     dice_weight: float = 1.0
     # Weight of the auxiliary head's loss for models that return "aux" (torchvision's 0.5).
     aux_weight: float = 0.5
+    # Online hard example mining (loss "ce"): only pixels whose probability of their true class
+    # is below ohem_thresh count, at least ohem_min_kept per batch (the hardest ones); null: off.
+    ohem_thresh: float | None = None
+    ohem_min_kept: int = 100_000
     # U-Net's border weight map (loss "ce" only): null, "unet" (w0 = 10, sigma = 5 px) or a
     # mapping {name: unet, w0: ..., sigma: ...}; class_weights then give its w_c.
     weight_map: str | dict[str, Any] | None = None
@@ -446,6 +451,8 @@ _RULES: dict[str, _Rule] = {
     ),
     "loss.dice_weight": _NON_NEGATIVE,
     "loss.aux_weight": _NON_NEGATIVE,
+    "loss.ohem_thresh": _optional(_real("in (0, 1]", lambda x: 0 < x <= 1), "null or in (0, 1]"),
+    "loss.ohem_min_kept": _int(1),
     "loss.weight_map": _flag_or(
         _choice(("unet",)), _WEIGHT_MAP, "null, unet or a mapping {name: unet, w0: ..., sigma: ...}"
     ),

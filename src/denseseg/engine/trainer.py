@@ -408,6 +408,7 @@ class Trainer:
         # Branches some steps leave out: an auxiliary head, Mask R-CNN's heads.
         unused = getattr(self.model, "task", "semantic") != "semantic"
         unused = unused or getattr(self.model, "aux_head", None) is not None
+        unused = unused or getattr(self.model, "boosters", None) is not None
         ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(
             self.model, device_ids=ids, find_unused_parameters=unused

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from denseseg.errors import ConfigError
 from denseseg.losses.combined import CombinedLoss
-from denseseg.losses.cross_entropy import BCEWithLogits, CrossEntropyLoss
+from denseseg.losses.cross_entropy import BCEWithLogits, CrossEntropyLoss, OhemCrossEntropyLoss
 from denseseg.losses.dice import DiceLoss
 
 LOSS_NAMES = ("ce", "dice", "ce+dice", "bce", "bce+dice")
@@ -18,7 +18,7 @@ _BINARY_ONLY = ("bce", "bce+dice")
 _MULTICLASS_ONLY = ("ce", "ce+dice")
 # The extra keyword options each name accepts.
 _OPTIONS = {
-    "ce": {"label_smoothing"},
+    "ce": {"label_smoothing", "ohem_thresh", "ohem_min_kept"},
     "dice": {"smooth"},
     "ce+dice": {"label_smoothing", "smooth", "dice_weight"},
     "bce": set(),
@@ -44,7 +44,9 @@ def build_loss(
         class_weights: per-class weights for the cross-entropy term: ``(num_classes,)`` for
             multiclass, ``(2,)`` (background, foreground) for binary; Dice takes none.
         **kw: ``label_smoothing`` (CE), ``smooth`` (Dice), ``dice_weight`` (weight of the Dice
-            term in a sum; the CE/BCE term has weight 1).
+            term in a sum; the CE/BCE term has weight 1), ``ohem_thresh`` and ``ohem_min_kept``
+            (``"ce"``: :class:`~denseseg.losses.cross_entropy.OhemCrossEntropyLoss`; a
+            threshold of None is plain cross-entropy).
 
     Returns:
         A module called as ``loss(logits (N, C, H, W), target (N, H, W) int64) -> scalar``.
@@ -83,6 +85,14 @@ def build_loss(
     )
     if binary:
         xent: nn.Module = BCEWithLogits(ignore_index=ignore_index, weight=weight)
+    elif kw.get("ohem_thresh") is not None:
+        xent = OhemCrossEntropyLoss(
+            kw["ohem_thresh"],
+            kw.get("ohem_min_kept", 100_000),
+            ignore_index=ignore_index,
+            weight=weight,
+            label_smoothing=kw.get("label_smoothing", 0.0),
+        )
     else:
         xent = CrossEntropyLoss(
             ignore_index=ignore_index,

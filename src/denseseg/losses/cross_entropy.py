@@ -89,6 +89,57 @@ class CrossEntropyLoss(nn.Module):
         return weighted_mean(stats)
 
 
+class OhemCrossEntropyLoss(CrossEntropyLoss):
+    """:class:`CrossEntropyLoss` over the hard pixels only (online hard example mining, as
+    DDRNet and mmsegmentation's ``OHEMPixelSampler`` train on street scenes).
+
+    A pixel is kept when the softmax probability of its true class is at most ``thresh``; when
+    fewer than ``min_kept`` are, the threshold rises to the ``min_kept``-th lowest probability,
+    so at least that many (the hardest) count, and every labelled pixel when fewer are. The
+    rest are ignored for this batch (on several processes each process selects in its own
+    share). Class weights apply to the kept pixels.
+
+    Args:
+        thresh: probability in ``(0, 1]``; 1 keeps every labelled pixel (plain cross-entropy).
+        min_kept: least number of pixels kept per batch.
+        ignore_index, weight, label_smoothing: as :class:`CrossEntropyLoss`.
+    """
+
+    def __init__(
+        self,
+        thresh: float = 0.7,
+        min_kept: int = 100_000,
+        ignore_index: int = 255,
+        weight: Tensor | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(ignore_index, weight, label_smoothing)
+        self.thresh, self.min_kept = float(thresh), int(min_kept)
+
+    def hard_targets(self, logits: Tensor, target: Tensor) -> Tensor:
+        """``target`` with every pixel that is not hard set to ``ignore_index``."""
+        _check_shapes(logits, target, "OhemCrossEntropyLoss")
+        target = target.long()
+        valid = target != self.ignore_index
+        if not valid.any():
+            return target
+        with torch.no_grad():
+            safe = torch.where(valid, target, 0).unsqueeze(1)
+            prob = logits.detach().float().softmax(1).gather(1, safe).squeeze(1)
+            probs = prob[valid]
+            # The min_kept-th lowest probability (all of them when fewer are labelled).
+            kth = probs.kthvalue(min(self.min_kept, probs.numel())).values.item()
+            thresh = max(self.thresh, kth)
+            keep = valid & (prob <= thresh) if thresh < 1.0 else valid
+        return torch.where(keep, target, self.ignore_index)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return super().forward(logits, self.hard_targets(logits, target))
+
+    def statistics(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        return super().statistics(logits, self.hard_targets(logits, target))
+
+
 def weighted_mean(stats: Sequence[Tensor]) -> Tensor:
     """``summed loss / summed weight`` of ``(summed loss, summed weight)``; 0 (with a graph) when
     the weight is 0, as every pixel's loss is then 0 too."""

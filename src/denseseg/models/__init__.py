@@ -7,7 +7,7 @@ semantic model returns ``{"out": logits (N, num_classes, H, W)}`` and has the at
 
 # Importing registers the models: fcn (fcn32s/16s/8s), deeplab (the papers' DeepLab v2/v3/v3+),
 # tv_layouts (torchvision's names), pixelwise, unet, maskrcnn (instance segmentation).
-from denseseg.models import deeplab, fcn, maskrcnn, pixelwise, tv_layouts, unet  # noqa: F401
+from denseseg.models import bisenetv2, ddrnet, deeplab, fcn, maskrcnn, pixelwise, tv_layouts, unet  # noqa: F401
 from denseseg.models._registry import (
     create_model,
     get_model_entry,

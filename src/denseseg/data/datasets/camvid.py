@@ -10,6 +10,13 @@ Layout::
 Images are RGB PNGs; label maps are single-channel 8-bit PNGs (mode ``L``) with the image's file
 name, holding 0-10 for the classes below and 11 for "Unlabelled" (void), which is read as 255
 (ignored). Split ``trainval`` joins ``train`` and ``val``.
+
+Drives: a frame's name starts with the drive it was filmed on (``0001TP_006690.png``: drive
+``0001TP``; the SegNet split's train holds 0001TP, 0006R0 and 0016E5, val only 0016E5). A split
+may keep or leave out drives, to validate on a drive no training frame comes from:
+``trainval:-0001TP`` is train+val without 0001TP, ``trainval:0001TP`` only its frames (several
+drives: ``trainval:-0001TP,0006R0``). A drive the split does not hold is an error (a typo would
+otherwise keep or drop nothing).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from denseseg.data.datasets.base import (
 from denseseg.data.palette import Color
 from denseseg.errors import DataError
 
-__all__ = ["CAMVID_CLASSES", "CAMVID_PALETTE", "CAMVID_VOID", "CamVidDataset"]
+__all__ = ["CAMVID_CLASSES", "CAMVID_PALETTE", "CAMVID_VOID", "CamVidDataset", "drive_of"]
 
 CAMVID_CLASSES: tuple[str, ...] = (
     "Sky",
@@ -79,13 +86,35 @@ def _available(root: Path) -> list[str]:
     return [*names, "trainval"] if {"train", "val"} <= set(names) else names
 
 
+def drive_of(path: str | os.PathLike) -> str:
+    """The drive a CamVid frame comes from: its file name up to the first ``_``."""
+    return Path(path).name.split("_", 1)[0]
+
+
+def _select_drives(files: list, spec: str, where: str) -> list:
+    """The ``(image, label)`` pairs kept by ``spec`` (``D1,D2`` or ``-D1,D2``)."""
+    drop = spec.startswith("-")
+    wanted = {d.strip() for d in spec.lstrip("-").split(",") if d.strip()}
+    held = {drive_of(image) for image, _ in files}
+    if not wanted or wanted - held:
+        missing = ", ".join(sorted(wanted - held)) or "none named"
+        raise DataError(
+            f"{where}: drive(s) {missing} not in the split; it holds {', '.join(sorted(held))}"
+        )
+    kept = [pair for pair in files if (drive_of(pair[0]) in wanted) != drop]
+    if not kept:
+        raise DataError(f"{where}: no frames left")
+    return kept
+
+
 class CamVidDataset(SegmentationDataset):
     """CamVid, 11 classes, void (11) ignored as 255.
 
     Args:
         root: Folder holding ``train``, ``trainannot``, ``val``, ``valannot``, ...
         split: ``train``, ``val``, ``test``, ``trainval``, or any ``<name>`` with a
-            ``<name>annot`` beside it.
+            ``<name>annot`` beside it; ``<split>:D1,D2`` keeps only drives D1 and D2,
+            ``<split>:-D1,D2`` leaves them out (see the module docstring).
         transforms: Called as ``transforms(image, target)`` on each item.
 
     Items are ``(image uint8 (3, H, W), target int64 (H, W))``.
@@ -101,6 +130,7 @@ class CamVidDataset(SegmentationDataset):
         self.split = split
         self.transforms = transforms
         available = _available(self.root)
+        split, _, drives = split.partition(":")
         if split not in available:
             raise unknown_split(
                 self.root,
@@ -116,6 +146,8 @@ class CamVidDataset(SegmentationDataset):
             if not stems:
                 raise DataError(f"no .png images in {images}; the layout is {_LAYOUT}")
             self.files += pair_by_stem(images, self.root / f"{part}annot", stems, ".png")
+        if drives:
+            self.files = _select_drives(self.files, drives, f"{self.root}: split {self.split!r}")
         self._set_classes(CAMVID_CLASSES, CAMVID_PALETTE)
 
     def label_lut(self, index: int) -> np.ndarray:

@@ -21,7 +21,8 @@ from denseseg.losses.weight_map import PixelWeightedCrossEntropy, WithWeightMap,
 
 
 class SemanticTask(Task):
-    """Models that give ``{"out": logits (N, K, H, W)[, "aux": ...]}``; ``best.pt`` by mIoU."""
+    """Models that give ``{"out": logits (N, K, H, W)[, "aux": ..., "aux_*": ...]}`` (each
+    auxiliary head's loss weighted by ``loss.aux_weight``); ``best.pt`` by mIoU."""
 
     best_metric = "mIoU"
 
@@ -55,6 +56,7 @@ class SemanticTask(Task):
             ignore_index=raw.ignore_index,
             class_weights=weights.to(device) if weights is not None else None,
             **({"dice_weight": cfg.loss.dice_weight} if "+dice" in cfg.loss.name else {}),
+            **_ohem_options(cfg),
         )
         if cfg.loss.weight_map:
             data.dataset, self.criterion = _use_weight_map(cfg, data, weights, model_kwargs)
@@ -70,16 +72,18 @@ class SemanticTask(Task):
         if logits.shape[-2:] != targets.shape[-2:]:
             targets = center_crop(targets, logits.shape[-2:])
             extra = tuple(center_crop(w, logits.shape[-2:]) for w in extra)
+        # Auxiliary heads: "aux" (torchvision's, DDRNet's) and "aux_*" (BiSeNetV2's boosters).
+        aux = [v for k, v in out.items() if k == "aux" or k.startswith("aux_")]
         if dist.world_size() > 1:
-            return self._global_loss(logits, out.get("aux"), targets, extra)
+            return self._global_loss(logits, aux, targets, extra)
         loss = self.criterion(logits.float(), targets, *extra)
-        if "aux" in out and self.aux_weight:
+        for head in aux if self.aux_weight else ():
             # torchvision's reference training: loss + 0.5 * the auxiliary head's loss.
-            loss = loss + self.aux_weight * self.criterion(out["aux"].float(), targets, *extra)
+            loss = loss + self.aux_weight * self.criterion(head.float(), targets, *extra)
         return loss
 
     def _global_loss(
-        self, logits: Tensor, aux: Tensor | None, targets: Tensor, extra: tuple[Tensor, ...]
+        self, logits: Tensor, aux: list[Tensor], targets: Tensor, extra: tuple[Tensor, ...]
     ) -> Tensor:
         """The loss of the whole global batch, on several processes: each loss's summable
         statistics (weighted pixel counts, Dice's per-class sums) of this process's share,
@@ -87,8 +91,8 @@ class SemanticTask(Task):
         autograd runs through this process's share, and DDP's gradient average is undone, so
         the update is that process's too."""
         heads = [(1.0, logits)]
-        if aux is not None and self.aux_weight:
-            heads.append((self.aux_weight, aux))
+        if self.aux_weight:
+            heads += [(self.aux_weight, head) for head in aux]
         crit = self.criterion
         stats = [crit.statistics(out.float(), targets, *extra) for _, out in heads]
         summed = iter(dist.sum_over_ranks([t for s in stats for t in s]))
@@ -123,6 +127,17 @@ class SemanticTask(Task):
     def meta(self, data: TrainingData, cfg: Config) -> dict[str, Any]:
         weights = self.class_weights
         return {"class_weights": weights.tolist() if weights is not None else None}
+
+
+def _ohem_options(cfg: Config) -> dict[str, Any]:
+    if cfg.loss.ohem_thresh is None:
+        return {}
+    if cfg.loss.name != "ce" or cfg.loss.weight_map:
+        raise ConfigError(
+            "loss.ohem_thresh needs loss.name ce without loss.weight_map "
+            f"(got {cfg.loss.name!r}{' with a weight map' if cfg.loss.weight_map else ''})"
+        )
+    return {"ohem_thresh": cfg.loss.ohem_thresh, "ohem_min_kept": cfg.loss.ohem_min_kept}
 
 
 def class_weights(cfg: Config, dataset: Any, num_classes: int) -> Tensor | None:
