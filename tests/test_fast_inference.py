@@ -135,3 +135,66 @@ def test_compiled_path_matches_eager() -> None:
     want = Segmenter(model, **NORM).logits(x)
     assert torch.allclose(seg.logits(x), want, rtol=1e-3, atol=1e-4)
     assert torch.allclose(seg.logits(x), want, rtol=1e-3, atol=1e-4)  # the compiled graph
+
+
+# ---------------------------------------------------------------- dilated convolutions as taps
+
+
+@pytest.mark.parametrize(
+    ("kernel", "dilation", "size", "bias"),
+    [
+        (3, 6, (20, 30), True),
+        (3, 12, (9, 40), False),
+        (3, 36, (64, 64), False),
+        (5, 7, (11, 13), True),
+    ],
+)
+def test_dilated_as_taps_is_the_convolution(kernel, dilation, size, bias) -> None:
+    from denseseg.inference.fast import DilatedAsTaps
+
+    torch.manual_seed(0)
+    pad = dilation * (kernel - 1) // 2
+    conv = nn.Conv2d(6, 5, kernel, padding=pad, dilation=dilation, bias=bias).eval()
+    x = torch.randn(2, 6, *size)
+    with torch.no_grad():
+        expected = conv(x)
+        got = DilatedAsTaps(conv)(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        low = DilatedAsTaps(conv)(x)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), expected, rtol=0.05, atol=0.05)
+
+
+def test_dilated_as_taps_rewrites_only_what_it_computes() -> None:
+    from denseseg.inference.fast import DilatedAsTaps, dilated_as_taps
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=12, dilation=12),  # rewritten
+        nn.Conv2d(4, 4, 3, padding=2, dilation=2),  # dilation below the threshold
+        nn.Conv2d(4, 4, 3, padding=12, dilation=12, stride=2),  # strided
+        nn.Conv2d(4, 4, 3, padding=12, dilation=12, groups=2),  # grouped
+        nn.Conv2d(4, 4, 3, padding=0, dilation=12),  # not "same"
+    ).eval()
+    x = torch.randn(1, 3, 50, 60)
+    with torch.no_grad():
+        expected = model(x)
+        assert dilated_as_taps(model) == 1
+        got = model(x)
+    assert isinstance(model[0], DilatedAsTaps)
+    assert all(type(m) is nn.Conv2d for m in model[1:])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_channels_last_path_of_deeplab_uses_taps() -> None:
+    from denseseg.inference.fast import ChannelsLastRuntime, DilatedAsTaps
+
+    model = create_model(
+        "deeplabv3_resnet50", num_classes=3, **get_model_entry("deeplabv3_resnet50").test_cfg
+    ).eval()
+    x = torch.randn(1, 3, 64, 64)
+    for precision, expected in (("fp32", 0), ("bf16", 3)):
+        runtime = ChannelsLastRuntime(model, torch.device("cpu"), precision)
+        out = runtime(x)
+        taps = [m for m in runtime._module.modules() if isinstance(m, DilatedAsTaps)]
+        assert len(taps) == expected and out.shape == (1, 3, 64, 64)

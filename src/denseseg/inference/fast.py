@@ -21,6 +21,13 @@ A path is how the torch model runs; each of them runs in float32 or under bfloat
   ``dynamic=True`` 153 s once for 117 ms. Freezing is used for bfloat16 alone, where it turns
   autocast's per-call weight casts into constants.
 
+Under bfloat16 on a CPU the channels-last and compile paths also compute every convolution with
+a large dilation (>= :data:`TAPS_MIN_DILATION`, DeepLab's ASPP) as one 1x1 convolution to the
+``k*k`` taps' outputs followed by shifted sums (:class:`DilatedAsTaps`): oneDNN's bfloat16 kernel
+for such convolutions is several times slower than its plain 1x1 (GEMM) kernel, measured on an
+AMX Xeon (2 threads, 2048 -> 256 channels at 64x64, rates 12/24/36: 360/620/770 ms against
+about 75 ms each as taps), while in float32 the direct kernel stays the faster one.
+
 Every path captures the weights at its first call (a copy or a trace): build it from a trained
 model in eval mode, never while training.
 """
@@ -44,12 +51,15 @@ from denseseg.layers import ConvNormAct
 
 __all__ = [
     "PATHS",
+    "TAPS_MIN_DILATION",
+    "DilatedAsTaps",
     "PRECISIONS",
     "ChannelsLastRuntime",
     "CompiledRuntime",
     "EagerRuntime",
     "FrozenTraces",
     "autocast_dtype",
+    "dilated_as_taps",
     "fold_batch_norm",
     "inference_copy",
     "torch_runtime",
@@ -171,6 +181,73 @@ def inference_copy(model: nn.Module, channels_last: bool = True) -> nn.Module:
     return out
 
 
+TAPS_MIN_DILATION = 6
+"""Least dilation of the convolutions :func:`dilated_as_taps` rewrites."""
+
+
+class DilatedAsTaps(nn.Module):
+    """A stride-1, "same"-padded, dilated ``k x k`` convolution (one group) computed as one 1x1
+    convolution to the ``k*k`` taps' outputs, then each tap's output shifted by its offset and
+    summed where it lands inside the image (zero padding contributes nothing). Exactly the
+    convolution's result up to the order of the sums.
+
+    Args:
+        conv: the ``nn.Conv2d`` to replace (its weights are copied).
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        out_ch, in_ch, kh, kw = conv.weight.shape
+        self.out_channels = out_ch
+        taps = conv.weight.detach().permute(2, 3, 0, 1).reshape(kh * kw * out_ch, in_ch, 1, 1)
+        self.weight = nn.Parameter(taps.contiguous(), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
+        dy, dx = conv.dilation
+        py, px = conv.padding  # type: ignore[misc]
+        self.offsets = [(i * dy - py, j * dx - px) for i in range(kh) for j in range(kw)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        taps = nn.functional.conv2d(x, self.weight)  # bfloat16 under autocast
+        n, o = x.shape[0], self.out_channels
+        # The taps' partial sums are added in float32, as the convolution accumulates them.
+        out = torch.zeros(n, o, h, w, device=x.device).contiguous(memory_format=torch.channels_last)
+        for k, (oy, ox) in enumerate(self.offsets):
+            y0, y1, x0, x1 = max(0, -oy), min(h, h - oy), max(0, -ox), min(w, w - ox)
+            if y0 < y1 and x0 < x1:
+                tap = taps[:, k * o : (k + 1) * o, y0 + oy : y1 + oy, x0 + ox : x1 + ox]
+                out[:, :, y0:y1, x0:x1] += tap
+        if self.bias is not None:
+            out += self.bias.view(1, -1, 1, 1)
+        return out.to(taps.dtype)
+
+
+def _rewritable(conv: nn.Module) -> bool:
+    if type(conv) is not nn.Conv2d or conv.groups != 1 or conv.stride != (1, 1):
+        return False
+    if conv.padding_mode != "zeros" or min(conv.dilation) < TAPS_MIN_DILATION:
+        return False
+    kh, kw = conv.kernel_size
+    same = ((kh - 1) * conv.dilation[0] // 2, (kw - 1) * conv.dilation[1] // 2)
+    return kh % 2 == 1 and kw % 2 == 1 and tuple(conv.padding) == same  # type: ignore[arg-type]
+
+
+def dilated_as_taps(model: nn.Module) -> int:
+    """Replace, in place, every convolution :class:`DilatedAsTaps` computes (stride 1, one
+    group, "same" zero padding, odd kernel, dilation >= :data:`TAPS_MIN_DILATION`).
+
+    Returns:
+        The number of convolutions replaced.
+    """
+    done = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if _rewritable(child):
+                setattr(module, name, DilatedAsTaps(child))
+                done += 1
+    return done
+
+
 class _Logits(nn.Module):
     # The "out" entry alone (TorchScript traces and Inductor graphs take tensors, not dicts),
     # in float32, computed under autocast when ``dtype`` is set.
@@ -230,7 +307,10 @@ class ChannelsLastRuntime:
         self._module: nn.Module | None = None
 
     def _build(self) -> nn.Module:
-        return _Logits(inference_copy(self.model), self.device.type, self.dtype)
+        module = inference_copy(self.model)
+        if self.dtype is torch.bfloat16 and self.device.type == "cpu":
+            dilated_as_taps(module)
+        return _Logits(module, self.device.type, self.dtype)
 
     def __call__(self, x: Tensor) -> Tensor:
         if self._module is None:
