@@ -10,9 +10,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from denseseg import load_model
+from denseseg import load_model, pretrained
 from denseseg.cli import main
 from denseseg.data.datasets.camvid import CAMVID_CLASSES
+
+PRETRAINED = Path(pretrained.__file__).parent
 
 
 def _frame(seed: int) -> np.ndarray:
@@ -54,3 +56,24 @@ def test_eval_writes_the_metrics_json(tmp_path: Path) -> None:
     for key in ("aAcc", "mAcc", "mIoU", "fwIoU", "mDice", "mFscore", "IoU", "Acc", "Fscore"):
         assert key in metrics
     assert len(metrics["IoU"]) == 11 and 0.0 <= metrics["aAcc"] <= 1.0
+
+
+def _keys(tree: object, prefix: str = "") -> dict[str, object]:
+    """Every leaf of nested mappings as ``a.b.c -> value``."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        out.update(_keys(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def test_builtin_camvid_was_trained_from_scratch() -> None:
+    """The CamVid issue's rule: no ImageNet (or any) weights behind the shipped model; its
+    provenance recipe names no model.weights and no backbone_weights anywhere."""
+    meta = json.loads((PRETRAINED / "camvid.json").read_text())
+    recipe = meta["provenance"]["recipe"]
+    assert recipe["model"].get("weights") is None
+    named = [k for k, v in _keys(recipe).items() if k.endswith("weights") and v is not None]
+    assert named == ["loss.class_weights"]  # median frequency: class weights, not model weights
+    assert "backbone_weights" not in json.dumps(meta["model_kwargs"])
