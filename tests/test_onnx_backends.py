@@ -286,3 +286,23 @@ def test_builtin_models_agree_on_every_backend(name: str, image) -> None:
         same = sum(int((seg.predict(im) == e).sum()) for im, e in zip(images, expected))
         total = sum(e.numel() for e in expected)
         assert same / total >= 0.9999, (backend, same / total)
+
+
+def test_openvino_runs_bf16_and_onnxruntime_refuses_it(exported) -> None:
+    from denseseg.inference.runtimes import make_runtime
+
+    model, path = exported("deeplabv3plus")
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        expected = model(x)["out"]
+    runtime = OnnxRuntime(path, CPU, "openvino", precision="bf16")
+    got = runtime(x)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    # bfloat16 keeps 8 bits of mantissa: close, not equal.
+    assert (got - expected).abs().max() < 0.1 * expected.abs().max()
+    seg = load_model(path, device="cpu", backend="openvino", precision="bf16")
+    assert seg.predict(_images(3)[0]).shape == (45, 61)
+    with pytest.raises(ConfigError, match="ONNX Runtime runs fp32"):
+        OnnxRuntime(path, CPU, "onnxruntime", precision="bf16")
+    with pytest.raises(ConfigError, match="ONNX Runtime runs fp32"):
+        make_runtime(model, CPU, backend="onnxruntime", precision="bf16")

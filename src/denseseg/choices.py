@@ -30,6 +30,7 @@ BENCHMARK_PATHS = (
     "compile+bf16",
     "onnxruntime",
     "openvino",
+    "openvino+bf16",
 )
 """Every path ``denseseg benchmark`` knows (``engine.benchmark.PATHS``, in order)."""
 
@@ -41,6 +42,7 @@ DEFAULT_BENCHMARK_PATHS = (
     "compile",
     "onnxruntime",
     "openvino",
+    "openvino+bf16",
 )
 """The paths ``denseseg benchmark`` measures unless ``--paths`` says otherwise."""
 

@@ -99,6 +99,7 @@ PATHS: dict[str, PathSpec] = {
         *_torch_specs(),
         PathSpec("onnxruntime", "onnxruntime"),
         PathSpec("openvino", "openvino"),
+        PathSpec("openvino+bf16", "openvino", precision="bf16"),
     ]
 }
 """Every path the benchmark knows, by name (``channels_last+bf16``: that path in bfloat16)."""

@@ -86,10 +86,18 @@ class OnnxRuntime:
             CUDA provider) or ``"openvino"`` (CPU).
     """
 
-    def __init__(self, source: bytes | str | Path, device: torch.device, backend: str) -> None:
+    def __init__(
+        self,
+        source: bytes | str | Path,
+        device: torch.device,
+        backend: str,
+        precision: str = "fp32",
+    ) -> None:
         require_backend(backend)
+        check_backend_precision(backend, precision)
         self.device = torch.device(device)
         self.backend = backend
+        self.precision = precision
         self.threads = max(1, torch.get_num_threads())
         if backend == "onnxruntime":
             self._run = self._ort(source)
@@ -114,7 +122,8 @@ class OnnxRuntime:
     def _openvino(self, source: bytes | str | Path) -> Callable[[np.ndarray], np.ndarray]:
         import openvino as ov
 
-        config = {"INFERENCE_NUM_THREADS": self.threads, "INFERENCE_PRECISION_HINT": "f32"}
+        hint = "bf16" if self.precision == "bf16" else "f32"
+        config = {"INFERENCE_NUM_THREADS": self.threads, "INFERENCE_PRECISION_HINT": hint}
         core = ov.Core()
         if isinstance(source, bytes):
             # OpenVINO reads ONNX from a file: write one for the compile, then let it go.
@@ -133,7 +142,24 @@ class OnnxRuntime:
         return torch.from_numpy(self._run(array)).to(self.device)
 
 
-def onnx_runtime(model: nn.Module, device: torch.device, backend: str) -> OnnxRuntime:
+def check_backend_precision(backend: str, precision: str) -> None:
+    """OpenVINO runs float32 or bfloat16 (its ``INFERENCE_PRECISION_HINT``; on CPUs with AMX or
+    AVX512-BF16); ONNX Runtime float32 only.
+
+    Raises:
+        ConfigError: another precision, or bf16 on ONNX Runtime.
+    """
+    if precision == "fp32" or (precision == "bf16" and backend == "openvino"):
+        return
+    raise ConfigError(
+        f"precision {precision!r} on backend {backend}: ONNX Runtime runs fp32, OpenVINO fp32 "
+        "or bf16, the torch backend fp32 or bf16"
+    )
+
+
+def onnx_runtime(
+    model: nn.Module, device: torch.device, backend: str, precision: str = "fp32"
+) -> OnnxRuntime:
     """The Segmenter's runtime for ``backend`` ``"onnxruntime"`` or ``"openvino"``.
 
     An :class:`OnnxModel` runs its own file; a torch model is exported to ONNX first (once per
@@ -150,8 +176,8 @@ def onnx_runtime(model: nn.Module, device: torch.device, backend: str) -> OnnxRu
     """
     require_backend(backend)
     if isinstance(model, OnnxModel):
-        return OnnxRuntime(model.onnx_path, device, backend)
-    return OnnxRuntime(_exported(model), device, backend)
+        return OnnxRuntime(model.onnx_path, device, backend, precision)
+    return OnnxRuntime(_exported(model), device, backend, precision)
 
 
 def _exported(model: nn.Module) -> bytes:
@@ -289,14 +315,15 @@ def load_onnx(path: str | Path, device: str | torch.device = "auto", **options: 
 
     Raises:
         CheckpointError: not an ONNX file of ``denseseg export``.
-        ConfigError: an option that needs the torch model (``backend="torch"``, ``fast``,
-            ``precision="bf16"``), or the runtime's package is missing.
+        ConfigError: an option that needs the torch model (``backend="torch"``, ``fast``),
+            ``precision="bf16"`` on ONNX Runtime, or the runtime's package is missing.
     """
     backend = options.pop("backend", None) or "onnxruntime"
-    if backend == "torch" or options.get("fast") or options.get("precision", "fp32") != "fp32":
+    bf16_elsewhere = options.get("precision", "fp32") != "fp32" and backend != "openvino"
+    if backend == "torch" or options.get("fast") or bf16_elsewhere:
         raise ConfigError(
-            f"{path} is an ONNX file: it runs on --backend onnxruntime or openvino in float32; "
-            "--fast and --precision bf16 apply to the torch backend"
+            f"{path} is an ONNX file: it runs on --backend onnxruntime (float32) or openvino "
+            "(float32, or --precision bf16); --fast applies to the torch backend"
         )
     require_backend(backend)
     model, described = load_onnx_model(path)

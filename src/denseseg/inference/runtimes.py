@@ -73,8 +73,9 @@ def make_runtime(
             the loader before) or a path name (``"eager"``, ``"channels_last"``, ``"trace"``,
             ``"compile"``).
         amp: float16 autocast on CUDA (torch backend, eager; wins over ``fast``).
-        precision: ``"fp32"`` or ``"bf16"`` (bfloat16 autocast; on a CPU without bfloat16
-            instructions it is emulated, and slow: a warning says so).
+        precision: ``"fp32"`` or ``"bf16"`` (torch: bfloat16 autocast, on a CPU without
+            bfloat16 instructions emulated, and slow: a warning says so; OpenVINO: its bf16
+            inference precision; ONNX Runtime: fp32 only).
 
     Raises:
         ConfigError: an unknown backend, torch path or precision, or bf16 on a device that
@@ -83,11 +84,11 @@ def make_runtime(
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")
     if backend != "torch":
-        from denseseg.inference.onnx_backends import onnx_runtime
+        from denseseg.inference.onnx_backends import check_backend_precision, onnx_runtime
 
-        _refuse_torch_options(backend, fast, precision)
-
-        return onnx_runtime(model, device, backend)
+        _refuse_torch_options(backend, fast)
+        check_backend_precision(backend, precision)
+        return onnx_runtime(model, device, backend, precision)
     path = fast_path(fast)
     if amp:
         return EagerRuntime(model, device, amp=True)
@@ -96,17 +97,12 @@ def make_runtime(
     return torch_runtime(model, device, path, precision)
 
 
-def _refuse_torch_options(backend: str, fast: bool | str, precision: str) -> None:
-    """``fast`` and ``precision`` choose torch paths; another backend would ignore them."""
+def _refuse_torch_options(backend: str, fast: bool | str) -> None:
+    """``fast`` chooses a torch path; another backend would ignore it."""
     if fast_path(fast) != "eager":
         raise ConfigError(
             f"fast={fast!r} (--fast) picks a torch path; backend {backend} has its own graph "
             "optimisations: leave out --fast"
-        )
-    if precision != "fp32":
-        raise ConfigError(
-            f"precision {precision!r} applies to the torch backend; backend {backend} runs "
-            "float32 here: leave out --precision or use --backend torch"
         )
 
 
