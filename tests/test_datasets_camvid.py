@@ -136,3 +136,9 @@ def test_drive_selection_errors_name_the_split(camvid, split, says):
     with pytest.raises(DataError, match=None) as info:
         get_dataset("camvid", camvid, split)
     assert says in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_frame_without_underscore_is_its_own_drive(camvid):
+    _add(camvid, "train", "frame1.png", LABELS, 5)
+    files = get_dataset("camvid", camvid, "train:frame1").files
+    assert [p.name for p, _ in files] == ["frame1.png"]

@@ -135,3 +135,18 @@ def test_trainer_evaluates_with_recomputed_statistics(tiny_dataset: Path, tmp_pa
     other = torch.load(plain / "last.pt", weights_only=True)["model"]
     key = next(k for k in state if k.endswith("running_var"))
     assert not torch.allclose(state[key], other[key])
+
+
+def test_without_validation_the_last_checkpoint_keeps_recomputed_statistics(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """data.val_split null: no evaluation, yet last.pt holds the recomputed statistics."""
+    over = {"data.val_split": "null", "train.precise_bn": 2}
+    train(load_config("unet_demo", tiny_recipe(tiny_dataset, tmp_path / "none", **over)))
+    with_val = tmp_path / "val"
+    train(load_config("unet_demo", tiny_recipe(tiny_dataset, with_val, **{"train.precise_bn": 2})))
+    state = torch.load(tmp_path / "none" / "last.pt", weights_only=True)["model"]
+    other = torch.load(with_val / "last.pt", weights_only=True)["model"]
+    # Same seed, same steps: the same weights and the same recomputation at the last step.
+    for key in (k for k in state if k.endswith(("running_var", "running_mean"))):
+        torch.testing.assert_close(state[key], other[key])

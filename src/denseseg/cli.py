@@ -1091,7 +1091,10 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
         "frozen TorchScript trace",
     )
     parser.add_argument(
-        "--precision", default=None, choices=("fp32", "bf16"), help="bf16: bfloat16 autocast"
+        "--precision",
+        default=None,
+        choices=("fp32", "bf16"),
+        help="bf16: bfloat16 (torch: autocast; openvino: its bf16 precision; not onnxruntime)",
     )
     parser.add_argument(
         "--mode", default=None, choices=MODES, help="how images are covered (default: the model's)"

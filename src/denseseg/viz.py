@@ -175,9 +175,12 @@ def plot_training_curves(logs: dict[str, str | Path], path: str | Path) -> Path:
     ax_l.set(xlabel="step", ylabel="training loss", title="loss")
     ax_l.set_yscale("log")
     ax_m.set(xlabel="step", ylabel="val mIoU (%)", title="validation mIoU", ylim=(0, 100))
+    if not ax_m.lines:  # a run without validation (data.val_split null)
+        ax_m.text(0.5, 0.5, "no validation split", ha="center", va="center", color="0.4")
     for ax in (ax_l, ax_m):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -119,7 +119,13 @@ class LogHook(HookBase):
 
 class PreciseBNHook(HookBase):
     """Recompute batch-norm statistics over ``train.precise_bn`` training batches before each
-    evaluation (:mod:`denseseg.engine.precise_bn`); draws no random numbers of the run's."""
+    evaluation (:mod:`denseseg.engine.precise_bn`), and after the last step of a run without
+    validation (so that its final ``last.pt`` keeps them too); draws no random numbers of the
+    run's."""
+
+    def after_step(self, trainer: Trainer) -> None:
+        if trainer.val is None and trainer.step == trainer.cfg.train.max_steps:
+            self.before_eval(trainer)  # runs before the checkpoint hook saves last.pt
 
     def before_eval(self, trainer: Trainer) -> None:
         tc = trainer.cfg.train

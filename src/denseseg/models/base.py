@@ -31,7 +31,7 @@ def check_positive_ints(model: str, **options: Any) -> None:
         ConfigError: naming the model, the option and its value.
     """
     for key, value in options.items():
-        if not isinstance(value, int) or value < 1:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{model} option {key}={value!r} must be an integer >= 1")
 
 

@@ -263,7 +263,7 @@ def bisenetv2(
     widths: tuple[int, ...] = (16, 32, 64, 128),
     detail_width: int = 64,
 ) -> BiSeNetV2:
-    """BiSeNet V2 (bilateral, real-time, trained from scratch); options as :class:`BiSeNetV2`."""
+    """BiSeNet V2: bilateral, real-time, made to train from scratch (options: BiSeNetV2)."""
     check_positive_ints(
         "BiSeNetV2",
         num_classes=num_classes,
@@ -272,12 +272,20 @@ def bisenetv2(
         booster_channels=booster_channels,
         detail_width=detail_width,
     )
-    widths = tuple(widths)
-    if len(widths) != 4 or widths[-1] != 2 * detail_width:
+    ints = isinstance(widths, (list, tuple)) and all(
+        isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths
+    )
+    if not ints or len(widths) != 4 or widths[-1] != 2 * detail_width:
         raise ConfigError(
-            f"BiSeNetV2 option widths={list(widths)}: four widths (stem, stages 3-5) whose last "
-            f"is twice detail_width={detail_width} (the two branches meet at that width)"
+            f"BiSeNetV2 option widths={widths!r}: four integers >= 1 (stem, stages 3-5), the "
+            f"last twice detail_width={detail_width} (the two branches meet at that width)"
         )
     return BiSeNetV2(
-        num_classes, in_channels, head_channels, booster_channels, boosters, widths, detail_width
+        num_classes,
+        in_channels,
+        head_channels,
+        booster_channels,
+        boosters,
+        tuple(widths),
+        detail_width,
     )

@@ -243,7 +243,7 @@ def ddrnet(
     head_planes: int = 64,
     aux_loss: bool = True,
 ) -> DDRNet:
-    """DDRNet (dual-resolution, real-time; 23-slim widths by default): see :class:`DDRNet`."""
+    """DDRNet: dual-resolution, real-time (23-slim widths by default; options: DDRNet)."""
     check_positive_ints(
         "DDRNet",
         num_classes=num_classes,
@@ -260,12 +260,12 @@ register_variant(
     ddrnet,
     fixed={"planes": 32, "head_planes": 64},
     test_cfg={"spp_planes": 8},
-    description="DDRNet-23-slim: real-time dual-resolution network (5.7 M parameters)",
+    description="DDRNet-23-slim: real-time dual-resolution network (5.70 M at inference)",
 )
 register_variant(
     "ddrnet23",
     ddrnet,
     fixed={"planes": 64, "head_planes": 128},
     test_cfg={"spp_planes": 8},
-    description="DDRNet-23: dual-resolution network (20.1 M parameters)",
+    description="DDRNet-23: dual-resolution network (20.15 M at inference)",
 )

@@ -87,19 +87,21 @@ def _available(root: Path) -> list[str]:
 
 
 def drive_of(path: str | os.PathLike) -> str:
-    """The drive a CamVid frame comes from: its file name up to the first ``_``."""
-    return Path(path).name.split("_", 1)[0]
+    """The drive a CamVid frame comes from: its file name up to the first ``_`` (the whole
+    stem when it has none)."""
+    return Path(path).stem.split("_", 1)[0]
 
 
 def _select_drives(files: list, spec: str, where: str) -> list:
     """The ``(image, label)`` pairs kept by ``spec`` (``D1,D2`` or ``-D1,D2``)."""
     drop = spec.startswith("-")
-    wanted = {d.strip() for d in spec.lstrip("-").split(",") if d.strip()}
+    wanted = {d.strip() for d in (spec[1:] if drop else spec).split(",") if d.strip()}
     held = {drive_of(image) for image, _ in files}
     if not wanted or wanted - held:
         missing = ", ".join(sorted(wanted - held)) or "none named"
         raise DataError(
-            f"{where}: drive(s) {missing} not in the split; it holds {', '.join(sorted(held))}"
+            f"{where}: drive(s) {missing} not in the split; it holds {', '.join(sorted(held))} "
+            "(split:D1,D2 keeps drives, split:-D1,D2 leaves them out)"
         )
     kept = [pair for pair in files if (drive_of(pair[0]) in wanted) != drop]
     if not kept:
@@ -130,7 +132,7 @@ class CamVidDataset(SegmentationDataset):
         self.split = split
         self.transforms = transforms
         available = _available(self.root)
-        split, _, drives = split.partition(":")
+        split, colon, drives = split.partition(":")
         if split not in available:
             raise unknown_split(
                 self.root,
@@ -146,7 +148,7 @@ class CamVidDataset(SegmentationDataset):
             if not stems:
                 raise DataError(f"no .png images in {images}; the layout is {_LAYOUT}")
             self.files += pair_by_stem(images, self.root / f"{part}annot", stems, ".png")
-        if drives:
+        if colon:
             self.files = _select_drives(self.files, drives, f"{self.root}: split {self.split!r}")
         self._set_classes(CAMVID_CLASSES, CAMVID_PALETTE)
 
