@@ -328,7 +328,7 @@ BUILTIN = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
 def test_all_builtin_recipes_load() -> None:
-    assert len(BUILTIN) == 11
+    assert len(BUILTIN) == 13
     for name in BUILTIN:
         load_config(name)
 
