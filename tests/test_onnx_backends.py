@@ -288,6 +288,9 @@ def test_builtin_models_agree_on_every_backend(name: str, image) -> None:
         assert same / total >= 0.9999, (backend, same / total)
 
 
+# heavy: a full `make test` on the AMX machine crashed (SIGSEGV, twice, at the same later test)
+# with OpenVINO bf16 objects created in the pytest process; `make test-all` runs it.
+@pytest.mark.heavy
 def test_openvino_runs_bf16_and_onnxruntime_refuses_it(exported) -> None:
     from denseseg.inference.runtimes import make_runtime
 
