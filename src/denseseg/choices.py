@@ -42,6 +42,7 @@ DEFAULT_BENCHMARK_PATHS = (
     "compile",
     "onnxruntime",
     "openvino",
+    "openvino+bf16",
 )
 """The paths ``denseseg benchmark`` measures unless ``--paths`` says otherwise."""
 
