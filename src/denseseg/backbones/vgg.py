@@ -35,6 +35,7 @@ from torchvision.models.vgg import cfgs, make_layers
 
 from denseseg.backbones._registry import FeatureInfo, register_backbone, with_weights
 from denseseg.errors import ConfigError
+from denseseg.layers import kaiming_init
 
 
 class ClassifierLayout(NamedTuple):
@@ -131,19 +132,6 @@ def _rescale(features: nn.Sequential, in_channels: int, width: float) -> nn.Sequ
     return features
 
 
-def _torchvision_init(module: nn.Module) -> None:
-    # torchvision's VGG initialisation (its make_layers leaves PyTorch's defaults; VGG.__init__
-    # sets these), applied to AlexNet too so every trunk starts alike.
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
 def _trunk_builder(
     name: str, make_features: Callable[[], nn.Sequential], summary: str
 ) -> Callable[..., PoolingTrunk]:
@@ -167,7 +155,9 @@ def _trunk_builder(
         if weights is not None and width != 1.0:
             raise ConfigError(f"backbone {name}: weights= needs width=1 (the file's layout)")
         features = _rescale(features, in_channels, width)
-        _torchvision_init(features)
+        # torchvision's VGG initialisation (its make_layers leaves PyTorch's defaults; VGG.__init__
+        # sets these), applied to AlexNet too so every trunk starts alike.
+        kaiming_init(features)
         if first_padding is not None:
             features[0].padding = (first_padding, first_padding)
         for m in features:

@@ -96,3 +96,17 @@ def he_normal_(module: nn.Module) -> None:
         nn.init.normal_(m.weight, mean=0.0, std=math.sqrt(2.0 / fan_in))
         if m.bias is not None:
             nn.init.zeros_(m.bias)
+
+
+def kaiming_init(module: nn.Module) -> None:
+    """He initialisation (fan-out, ReLU gain) of every ``Conv2d`` in ``module``, zero biases,
+    batch norms at weight 1 and bias 0: torchvision's VGG and ResNet initialisation, which the
+    from-scratch models (DDRNet, BiSeNetV2, the VGG trunks) share."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

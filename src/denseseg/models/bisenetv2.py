@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from denseseg.errors import ConfigError
-from denseseg.layers import ConvNormAct
+from denseseg.layers import ConvNormAct, kaiming_init
 from denseseg.models._registry import register_model
 from denseseg.models.base import check_positive_ints
 
@@ -227,7 +227,7 @@ class BiSeNetV2(nn.Module):
         self.boosters = None
         if boosters:
             self.boosters = nn.ModuleList(SegHead(w, booster_channels, num_classes) for w in widths)
-        _init_weights(self)
+        kaiming_init(self)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         size = x.shape[-2:]
@@ -238,17 +238,6 @@ class BiSeNetV2(nn.Module):
             for key, head, feat in zip(BOOSTERS, self.boosters, stages, strict=True):
                 out[key] = _resize(head(feat), size)
         return out
-
-
-def _init_weights(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 @register_model(

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from denseseg.layers import ConvNormAct
+from denseseg.layers import ConvNormAct, kaiming_init
 from denseseg.models._registry import register_model, register_variant
 from denseseg.models.base import check_positive_ints
 
@@ -188,7 +188,7 @@ class DDRNet(nn.Module):
         self.spp = DAPPM(16 * p, spp_planes, 4 * p)
         self.head = SegHead(4 * p, head_planes, num_classes)
         self.aux_head = SegHead(high, head_planes, num_classes) if aux_loss else None
-        _init_weights(self)
+        kaiming_init(self)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         size = x.shape[-2:]
@@ -218,17 +218,6 @@ def _conv_bias_bn_relu(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
     )
-
-
-def _init_weights(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 _TINY = {"planes": 4, "spp_planes": 8, "head_planes": 8}
