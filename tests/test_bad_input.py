@@ -1151,10 +1151,16 @@ def test_per_class_csv_escapes_formulas(tmp_path) -> None:
 # =================================================================================================
 
 
-def test_bad_checkpoint_and_predict_input(trained_run, tmp_path: Path, capsys) -> None:
+def test_bad_checkpoint_and_predict_input(
+    trained_run, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # eval's default --out runs/eval: not the caller's folder
     bad = tmp_path / "m.pt"
     bad.write_bytes(b"not a checkpoint")
-    assert "m.pt" in run_cli(["eval", "--model", str(bad), "--root", str(tmp_path)], capsys)
+    root = tmp_path / "data"
+    root.mkdir()
+    assert "m.pt" in run_cli(["eval", "--model", str(bad), "--root", str(root)], capsys)
     last = trained_run[1] / "last.pt"
     msg = run_cli(["predict", str(tmp_path / "x.png"), "--model", str(last)], capsys)
     assert "x.png" in msg

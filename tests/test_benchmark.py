@@ -119,6 +119,12 @@ def test_cli_prints_the_table_and_writes_the_json(models_dir: Path, tmp_path: Pa
         rows["channels_last+bf16"]["agreement_pct"] >= 99.5
     )
     assert result["fastest"]["path"] in fast.PATHS
+    # An existing --json is replaced only with --overwrite, refused before anything is measured.
+    assert main(_args("tinybench", "--paths", "eager", "--json", str(out))) == 2
+    assert f"--json {out} exists" in capsys.readouterr().err
+    assert json.loads(out.read_text()) == result
+    assert main(_args("tinybench", "--paths", "eager", "--json", str(out), "--overwrite")) == 0
+    assert [r["path"] for r in json.loads(out.read_text())["rows"]] == ["eager"]
 
 
 def test_agreement_is_computed_against_eager() -> None:

@@ -102,6 +102,16 @@ def test_train_resume_eval_predict(tiny_dataset: Path, tmp_path: Path, capsys) -
     assert json.loads(js.read_text())["mIoU"] == metrics["mIoU"]
     for pic in ("confusion_matrix.png", "per_class_iou.png"):
         assert Image.open(out / pic).size[0] > 100
+    # A second evaluation replaces the first one's files only with --overwrite.
+    again = ["eval", "--model", str(run / "best.pt"), "--root", str(tiny_dataset)]
+    before = {p.name: p.read_bytes() for p in [*out.iterdir(), js]}
+    assert main([*again, "--out", str(out)]) == 2
+    assert "metrics.json exists" in capsys.readouterr().err
+    assert main([*again, "--out", str(tmp_path / "eval2"), "--json", str(js)]) == 2
+    assert f"--json {js} exists" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in [*out.iterdir(), js]} == before
+    assert not (tmp_path / "eval2").exists()
+    assert main([*again, "--out", str(out), "--json", str(js), "--overwrite"]) == 0
 
     # predict on a folder: palette label PNGs at each image's own size, overlays, probabilities
     pred = tmp_path / "pred"

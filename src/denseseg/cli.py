@@ -145,10 +145,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from denseseg.engine.evaluate import run_eval
     from denseseg.engine.outputs import check_out_folder
 
-    _check_json_path(args.json)
+    _check_json_path(args.json, args.overwrite)
     out = Path(args.out)
     check_out_folder(out, f"--out {out}")
     _refuse_out_in_dataset(out, args.root, args.split)
+    _refuse_existing_report(out, args.overwrite)
     options = _reader_options(args.option)
     if _launches(args):  # the model is checked once, before N processes start
         load_model(args.model, device="cpu", ema=args.ema, **_inference_options(args))
@@ -186,8 +187,9 @@ def _refuse_out_in_dataset(out: Path, root: str | None, split: str) -> None:
         )
 
 
-def _check_json_path(path: str | None) -> None:
-    """Refuse an ``--json`` that is a folder (or names one) before any work is done."""
+def _check_json_path(path: str | None, overwrite: bool) -> None:
+    """Refuse an ``--json`` that is a folder (or names one), or an existing file without
+    ``--overwrite``, before any work is done."""
     from denseseg.engine.outputs import check_out_folder
 
     if path is None:
@@ -198,6 +200,19 @@ def _check_json_path(path: str | None) -> None:
             f"{Path(path or '.') / 'metrics.json'}"
         )
     check_out_folder(Path(path).parent, f"--json {path}")
+    if Path(path).exists() and not overwrite:
+        raise ConfigError(f"--json {path} exists; choose another file or add --overwrite")
+
+
+def _refuse_existing_report(out: Path, overwrite: bool) -> None:
+    """An earlier evaluation's files in ``--out`` are replaced only with ``--overwrite``."""
+    from denseseg.engine.evaluate import REPORT_FILES
+
+    existing = [out / name for name in REPORT_FILES if (out / name).exists()]
+    if existing and not overwrite:
+        raise ConfigError(
+            f"{existing[0]} exists (an earlier evaluation); choose another --out or add --overwrite"
+        )
 
 
 # ---------------------------------------------------------------------------- predict
@@ -416,7 +431,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from denseseg.engine.benchmark import benchmark, markdown_table, save_json
     from denseseg.pretrained import store_fast
 
-    _check_json_path(args.json)
+    _check_json_path(args.json, args.overwrite)
     packed = _packed_model(args.model)
     if args.save and packed is None:
         raise ConfigError(
@@ -716,6 +731,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", type=_path, default="runs/eval", help="folder for metrics and pictures")
     e.add_argument(
         "--json", type=_path, default=None, help="also write the metrics JSON to this file"
+    )
+    e.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier evaluation's files in --out and an existing --json file",
     )
     e.add_argument("--batch-size", type=_BATCH, default=4, help="images per forward pass (>= 1)")
     e.add_argument("--workers", type=_WORKERS, default=0, help="data loader processes (>= 0)")
@@ -1039,6 +1059,7 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     b.add_argument("--image", type=_path, default=None, help="measure on this image, resized")
     b.add_argument("--json", type=_path, default=None, help="write the results to this file")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     b.add_argument(
         "--save",
         action="store_true",

@@ -37,6 +37,9 @@ from denseseg.metrics import SegmentationMetrics, format_table, save_results
 from denseseg.metrics.coco import CocoInstanceMetrics, format_coco_table
 from denseseg.progress import tqdm
 
+REPORT_FILES = ("metrics.json", "per_class.csv", "confusion_matrix.png", "per_class_iou.png")
+"""The files an evaluation writes in its ``out`` folder (semantic; instance: ``metrics.json``)."""
+
 __all__ = [
     "eval_batches",
     "evaluate",
@@ -45,6 +48,7 @@ __all__ = [
     "merge_coco_shards",
     "run_eval",
     "semantic_report",
+    "REPORT_FILES",
 ]
 
 T = TypeVar("T")
