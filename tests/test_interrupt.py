@@ -207,6 +207,20 @@ def test_second_training_on_the_same_folder_is_refused(data: Path, tmp_path: Pat
         pass
 
 
+def test_a_run_that_fails_before_writing_leaves_no_folder(data: Path, tmp_path: Path) -> None:
+    from denseseg.engine.trainer import train
+    from denseseg.errors import DataError
+
+    new, kept = tmp_path / "new" / "run", tmp_path / "kept"
+    kept.mkdir()
+    for out in (new, kept):
+        cfg = load_config("unet_demo", [*tiny_recipe(data, out), "data.train_split=nosuch"])
+        with pytest.raises(DataError, match="has no split 'nosuch'"):
+            train(cfg)
+    assert not new.exists()  # made by the run: removed again (its parent stays)
+    assert kept.is_dir() and not list(kept.iterdir())  # the user's folder: kept, no lock left
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "denseseg", *args]
 

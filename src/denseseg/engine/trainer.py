@@ -51,7 +51,7 @@ from denseseg.engine.ema import WeightEMA
 from denseseg.engine.hooks import HookBase, default_hooks
 from denseseg.engine.optim import build_optimizer, finite, lr_factor, optimizer_step
 from denseseg.engine.precision import resolve_precision
-from denseseg.engine.run_folder import RunLock, make_run_folder
+from denseseg.engine.run_folder import LOCK_NAME, RunLock, make_run_folder
 from denseseg.engine.stop import StopOnSignal
 from denseseg.engine.tasks import task_for
 from denseseg.engine.training_data import (
@@ -105,12 +105,27 @@ def _locked_run_folder(out_dir: str):
         dist.barrier()
         yield Path(out_dir)
         return
+    created = not Path(out_dir).exists()
+    locked_before = (Path(out_dir) / LOCK_NAME).exists()
     out = make_run_folder(out_dir)
-    with RunLock(out):
-        for stale in remove_stale_temporaries(out):
-            log.info("removed %s, left by a save that was killed", stale.name)
-        dist.barrier()
-        yield out
+    try:
+        with RunLock(out):
+            for stale in remove_stale_temporaries(out):
+                log.info("removed %s, left by a save that was killed", stale.name)
+            dist.barrier()
+            yield out
+    except BaseException:
+        if not locked_before:  # a run that failed before writing anything leaves no trace
+            _remove_if_empty(out, created)
+        raise
+
+
+def _remove_if_empty(out: Path, folder_too: bool) -> None:
+    with contextlib.suppress(OSError):
+        if {p.name for p in out.iterdir()} <= {LOCK_NAME}:
+            (out / LOCK_NAME).unlink(missing_ok=True)
+            if folder_too:
+                out.rmdir()
 
 
 class _LoaderStopped(Exception):
