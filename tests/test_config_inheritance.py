@@ -228,3 +228,14 @@ def test_print_config(tmp_path: Path, capsys) -> None:
     assert printed == expected.to_dict() and not out.exists()
     assert main(["train", "unet_camvid", "optim.lr=abc", "--print-config"]) == 2
     assert "optim.lr must be" in capsys.readouterr().err
+
+
+def test_print_config_refuses_what_training_refuses(capsys) -> None:
+    # Each value is valid alone; together they are not (OHEM ranks cross-entropy per pixel):
+    # the recipe is refused as it is read, by --print-config as by training.
+    args = ["train", "ddrnet23_slim_camvid", "loss.name=ce+dice", "loss.ohem_thresh=0.7"]
+    assert main([*args, "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "loss.ohem_thresh needs loss.name ce" in err and "'ce+dice'" in err
+    assert len(err.splitlines()) == 1 and "ddrnet23_slim_camvid" in err
+    assert main(["train", "ddrnet23_slim_camvid", "loss.ohem_thresh=0.7", "--print-config"]) == 0

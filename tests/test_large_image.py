@@ -309,7 +309,7 @@ def test_predict_large_memory_is_bounded(tmp_path: Path) -> None:
     assert grown < bound
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # 50 s on two cores (make test-all); the in-memory bound above is in make test
 def test_predict_folder_memory_is_bounded(tmp_path: Path) -> None:
     # File in, files out: the PNG is decoded as the windows need its rows and the label map and
     # overlay are written as the strips finish, so neither the image (103 MiB; Pillow would

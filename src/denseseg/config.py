@@ -609,7 +609,20 @@ def config_from_dict(
     checked = {sec: _section(sec, values, source) for sec, values in raw.items()}
     cfg = Config(**{sec: _section_class(sec)(**values) for sec, values in checked.items()})
     _validate(cfg, source, overridden or set(), origins)
+    check_combinations(cfg, source)
     return cfg
+
+
+def check_combinations(cfg: Config, source: str = "<config>") -> None:
+    """The checks that span keys, each valid alone: made when a recipe is read (so that
+    ``--print-config`` refuses what training would) and again when a task is built from a
+    :class:`Config` made in Python."""
+    loss = cfg.loss
+    if loss.ohem_thresh is not None and (loss.name != "ce" or loss.weight_map):
+        raise ConfigError(
+            f"{source}: loss.ohem_thresh needs loss.name ce without loss.weight_map "
+            f"(got {loss.name!r}{' with a weight map' if loss.weight_map else ''})"
+        )
 
 
 def _section(sec: Any, values: Any, source: str) -> dict[str, Any]:

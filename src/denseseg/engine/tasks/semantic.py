@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
-from denseseg.config import Config
+from denseseg.config import Config, check_combinations
 from denseseg.data.folder import median_frequency_weights
 from denseseg.engine import distributed as dist
 from denseseg.engine.evaluate import evaluate
@@ -132,11 +132,7 @@ class SemanticTask(Task):
 def _ohem_options(cfg: Config) -> dict[str, Any]:
     if cfg.loss.ohem_thresh is None:
         return {}
-    if cfg.loss.name != "ce" or cfg.loss.weight_map:
-        raise ConfigError(
-            "loss.ohem_thresh needs loss.name ce without loss.weight_map "
-            f"(got {cfg.loss.name!r}{' with a weight map' if cfg.loss.weight_map else ''})"
-        )
+    check_combinations(cfg)
     return {"ohem_thresh": cfg.loss.ohem_thresh, "ohem_min_kept": cfg.loss.ohem_min_kept}
 
 
