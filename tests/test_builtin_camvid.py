@@ -28,10 +28,12 @@ def test_builtin_camvid_loads_with_its_classes() -> None:
     label = seg.predict(torch.from_numpy(_frame(0)).permute(2, 0, 1))
     assert label.shape == (360, 480) and 0 <= int(label.min()) and int(label.max()) < 11
     fast = load_model("camvid", device="cpu", fast=True)
-    # Folding batch norm into the convolutions changes float rounding: on a noise frame a
-    # near-tie may flip (1 of 172,800 pixels with the shipped weights), nothing more.
+    # The fast path `denseseg benchmark --save` stored: channels-last with batch norm folded, in
+    # bfloat16 where that met the deployment thresholds (arg-max agreement with eager float32
+    # >= 99.5 % in bf16, >= 99.99 % in float32: near-ties flip, nothing more).
+    bf16 = json.loads((PRETRAINED / "camvid.json").read_text())["fast"]["precision"] == "bf16"
     fast_label = fast.predict(torch.from_numpy(_frame(0)).permute(2, 0, 1))
-    assert (fast_label != label).float().mean().item() < 1e-4
+    assert (fast_label != label).float().mean().item() < (5e-3 if bf16 else 1e-4)
 
 
 def test_predict_uses_camvid_by_default(tmp_path: Path) -> None:
