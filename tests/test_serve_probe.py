@@ -256,7 +256,12 @@ def test_a_timed_out_job_does_not_keep_the_model_busy() -> None:
     is 504 until it ends. Right: a job whose requests all timed out stops between windows
     (the batcher passes a "cancelled" check to the Segmenter), so the next request is
     answered."""
-    with _client(ServeSettings(timeout_s=0.5), crop_size=32) as c:
+    segmenter = _segmenter(crop_size=32)
+    # Each forward pass takes at least 20 ms, so the 625 windows outlast the timeout on any
+    # machine (a fast CI host ran the tiny U-Net's windows in under 0.5 s).
+    segmenter.model.register_forward_pre_hook(lambda module, args: time.sleep(0.02))
+    app = create_app(segmenter, ServeSettings(timeout_s=0.5))
+    with TestClient(app, raise_server_exceptions=False) as c:
         long = c.post("/v1/segment?mode=slide", content=_encode(_image(1, 20000)))
         _error(long, 504, "timeout")
         time.sleep(0.2)
