@@ -6,18 +6,22 @@ Two runs, batch 1, through :func:`denseseg.engine.benchmark.benchmark` (the libr
 ``denseseg benchmark``: paths timed round robin, torchvision's model with the same weights in
 the same rounds):
 
-* DeepLabV3-ResNet50 (torchvision layout, 21 classes, random weights: speed does not depend on
-  them) at 512x512;
-* the LR-ASPP MobileNetV3-Large of the built-in ``camvid`` model at 360x480.
+* DeepLabV3-ResNet50 (torchvision layout) at 512x512: a trained checkpoint with ``--deeplab``
+  (agreement is only meaningful on trained weights: random ones leave many near-tied logits),
+  else 21 classes with random weights, seed 0 (speed does not depend on the weights);
+* the LR-ASPP MobileNetV3-Large the issue names, ``camvid_lraspp`` (the built-in ``camvid``
+  until 2026-12-03; the DDRNet now shipped as ``camvid`` has no torchvision counterpart), at
+  360x480.
 
 Prints one Markdown table per run and a line per target; writes each run's JSON into ``--out``::
 
     PYTHONPATH=src python benchmarks/deploy_speed.py --threads 2 --runs 30 --out /tmp/deploy
     PYTHONPATH=src python benchmarks/deploy_speed.py --runs 2 --scale 0.25 --paths eager trace
 
-``--image`` measures camvid's agreement on a real frame (e.g. one of CamVid's val images)
-instead of random smooth images. Timings on a shared machine are noisy: compare rows of one
-run, and run the long version on an otherwise idle machine.
+``--image`` measures agreement on a real frame (e.g. one of CamVid's val images) instead of
+random smooth images; ``benchmarks/agreement.py`` measures it over a folder. Timings on a
+shared machine are noisy: compare rows of one run, and run the long version on an otherwise
+idle machine.
 """
 
 from __future__ import annotations
@@ -36,21 +40,22 @@ TARGET_SPEEDUP = 2.5
 TARGET_CAMVID_FPS = 30.0
 
 
-def _runs(scale: float) -> list[tuple[str, Segmenter, tuple[int, int]]]:
+def _deeplab(checkpoint: Path | None) -> Segmenter:
+    if checkpoint is not None:
+        return load_model(checkpoint, device="cpu")
+    torch.manual_seed(0)
+    deeplab = create_model("deeplabv3_resnet50", num_classes=21)
+    meta = {"model_name": "deeplabv3_resnet50", "weights": "random (seed 0)"}
+    return Segmenter(deeplab, mean=IMAGENET_MEAN, std=IMAGENET_STD, device="cpu", meta=meta)
+
+
+def _runs(scale: float, deeplab: Path | None) -> list[tuple[str, Segmenter, tuple[int, int]]]:
     def scaled(h: int, w: int) -> tuple[int, int]:
         return max(32, round(h * scale)), max(32, round(w * scale))
 
-    deeplab = create_model("deeplabv3_resnet50", num_classes=21)
-    deeplab_seg = Segmenter(
-        deeplab,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        device="cpu",
-        meta={"model_name": "deeplabv3_resnet50"},
-    )
     return [
-        ("deeplabv3_resnet50", deeplab_seg, scaled(512, 512)),
-        ("camvid", load_model("camvid", device="cpu"), scaled(360, 480)),
+        ("deeplabv3_resnet50", _deeplab(deeplab), scaled(512, 512)),
+        ("camvid_lraspp", load_model("camvid_lraspp", device="cpu"), scaled(360, 480)),
     ]
 
 
@@ -65,7 +70,7 @@ def _targets(name: str, result: dict) -> list[str]:
         lines.append(
             f"  {ratio:.2f}x torchvision's eager images/s (target {TARGET_SPEEDUP}x): {verdict}"
         )
-    if name == "camvid":
+    if name == "camvid_lraspp":
         fps = best["images_per_s"]
         verdict = "met" if fps >= TARGET_CAMVID_FPS else "NOT met"
         lines.append(f"  {fps:.1f} frames/s (target {TARGET_CAMVID_FPS:.0f}): {verdict}")
@@ -79,13 +84,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--scale", type=float, default=1.0, help="input sizes times this")
     parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(DEFAULT_PATHS))
-    parser.add_argument("--image", type=Path, default=None, help="a frame for camvid's agreement")
+    parser.add_argument("--image", type=Path, default=None, help="a real frame to measure on")
+    parser.add_argument("--deeplab", type=Path, default=None, help="a trained DeepLabV3 .pt")
     parser.add_argument("--out", type=Path, default=Path("/tmp/deploy_speed"))
     args = parser.parse_args()
-    torch.manual_seed(0)
     summary = []
-    for name, seg, size in _runs(args.scale):
-        image = read_image(args.image) if args.image is not None and name == "camvid" else None
+    image = read_image(args.image) if args.image is not None else None
+    for name, seg, size in _runs(args.scale, args.deeplab):
         result = benchmark(
             seg,
             size=size,

@@ -272,3 +272,25 @@ def test_save_needs_a_packed_model(capsys) -> None:
     assert err.count("\n") == 1 and "--save stores the fastest path" in err
     assert main(_args("lraspp_mobilenet_v3_large", "--paths", "fastest")) == 2
     assert "invalid choice: 'fastest'" in capsys.readouterr().err
+
+
+def test_random_weights_are_the_same_every_run(tmp_path: Path, capsys) -> None:
+    """A registered architecture gets seeded random weights, so that its agreement figures
+    repeat from run to run (an unseeded DeepLabV3 gave 99.62 % one day and 98.36 % the next);
+    the JSON says which weights were measured, and the caller's random state is untouched."""
+    from argparse import Namespace
+
+    from denseseg.cli import _benchmark_segmenter
+
+    args = Namespace(model="pixelwise", classes=3, device="cpu")
+    first, second = {}, {}
+    for seed, weights in ((1, first), (2, second)):
+        expected = torch.manual_seed(seed).get_state()
+        weights.update(_benchmark_segmenter(args, None).model.state_dict())
+        assert torch.equal(torch.get_rng_state(), expected)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    out = tmp_path / "r.json"
+    assert main(_args("pixelwise", "--classes", "3", "--paths", "eager", "--json", str(out))) == 0
+    capsys.readouterr()
+    assert json.loads(out.read_text())["weights"] == "random (seed 0)"

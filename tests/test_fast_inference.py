@@ -198,3 +198,37 @@ def test_bf16_channels_last_path_of_deeplab_uses_taps() -> None:
         out = runtime(x)
         taps = [m for m in runtime._module.modules() if isinstance(m, DilatedAsTaps)]
         assert len(taps) == expected and out.shape == (1, 3, 64, 64)
+
+
+@pytest.mark.parametrize("name", ["deeplabv3_resnet50", "lraspp_mobilenet_v3_large", "ddrnet23"])
+def test_bf16_fast_paths_keep_the_first_and_last_convolution_in_float32(name: str) -> None:
+    """The stem convolution sees the normalised image and the classifier makes the logits in
+    float32 (found by running the model once: the aux head is gone, so the last convolution
+    run is the classifier's), everything between in bfloat16; float32 paths are untouched."""
+    from denseseg.inference.fast import ChannelsLastRuntime, Float32
+
+    model = _model(name, classes=5)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    seen: dict[str, torch.dtype] = {}
+    for precision in ("fp32", "bf16"):
+        runtime = ChannelsLastRuntime(model, torch.device("cpu"), precision)
+        runtime(x)
+        inner = runtime._module.model
+        wrapped = [n for n, m in inner.named_modules() if isinstance(m, Float32)]
+        if precision == "fp32":
+            assert wrapped == []
+            continue
+        assert len(wrapped) == 2, wrapped
+        first, last = (inner.get_submodule(n).module for n in wrapped)
+        assert last.out_channels == 5 and first.in_channels == 3
+        convs = [m for m in inner.modules() if type(m) is nn.Conv2d]
+
+        def note(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            seen[id(module)] = out.dtype
+
+        hooks = [m.register_forward_hook(note) for m in convs]  # first and last among them
+        runtime(x)
+        for h in hooks:
+            h.remove()
+    assert seen[id(first)] == seen[id(last)] == torch.float32
+    assert {seen[id(m)] for m in convs if m not in (first, last)} == {torch.bfloat16}

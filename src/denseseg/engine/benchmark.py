@@ -410,6 +410,7 @@ def benchmark(
     finally:
         torch.set_num_threads(previous_threads)
     result["model"] = name or seg.meta.get("builtin") or result["architecture"]
+    result["weights"] = seg.meta.get("weights", "the model's own")
     result["fastest"] = fastest_config(result)
     return result
 

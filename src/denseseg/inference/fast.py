@@ -28,6 +28,12 @@ for such convolutions is several times slower than its plain 1x1 (GEMM) kernel, 
 AMX Xeon (2 threads, 2048 -> 256 channels at 64x64, rates 12/24/36: 360/620/770 ms against
 about 75 ms each as taps), while in float32 the direct kernel stays the faster one.
 
+Under bfloat16 these two paths keep the first convolution the input meets and the last one
+before the logits in float32 (:func:`keep_ends_float32`, as mixed-precision practice keeps the
+first and last layers): the normalised image and the logits lose most to bfloat16's 8-bit
+significand, and both convolutions are cheap. On a DeepLabV3-ResNet50 trained on CamVid (512x512,
+5 val frames) arg-max agreement with float32 rose from 99.32 % to 99.69 % for a few % of time.
+
 Every path captures the weights at its first call (a copy or a trace): build it from a trained
 model in eval mode, never while training.
 """
@@ -62,6 +68,7 @@ __all__ = [
     "dilated_as_taps",
     "fold_batch_norm",
     "inference_copy",
+    "keep_ends_float32",
     "torch_runtime",
 ]
 
@@ -248,6 +255,44 @@ def dilated_as_taps(model: nn.Module) -> int:
     return done
 
 
+class Float32(nn.Module):
+    """``module`` run in float32 inside an autocast region: floating inputs cast up, autocast
+    off, so its output is float32 too."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Tensor) -> Tensor:
+        device_type = args[0].device.type
+        with torch.autocast(device_type, enabled=False):
+            return self.module(*(a.float() if a.is_floating_point() else a for a in args))
+
+
+def keep_ends_float32(model: nn.Module, x: Tensor) -> list[str]:
+    """Wrap, in place, the first and the last ``nn.Conv2d`` that a call on ``x`` runs in
+    :class:`Float32` (the model is run once on ``x`` to find them).
+
+    Returns:
+        The wrapped modules' names (none for a model without convolutions).
+    """
+    order: list[str] = []
+    convs = [(n, m) for n, m in model.named_modules() if type(m) is nn.Conv2d]
+    hooks = [m.register_forward_hook(lambda *_, n=n: order.append(n)) for n, m in convs]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    ends = list(dict.fromkeys(order[:1] + order[-1:]))
+    for name in ends:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, child, Float32(getattr(owner, child)))
+    return ends
+
+
 class _Logits(nn.Module):
     # The "out" entry alone (TorchScript traces and Inductor graphs take tensors, not dicts),
     # in float32, computed under autocast when ``dtype`` is set.
@@ -306,25 +351,29 @@ class ChannelsLastRuntime:
         self.dtype = autocast_dtype(precision, device)
         self._module: nn.Module | None = None
 
-    def _build(self) -> nn.Module:
+    def _build(self, x: Tensor) -> nn.Module:
         module = inference_copy(self.model)
-        if self.dtype is torch.bfloat16 and self.device.type == "cpu":
-            dilated_as_taps(module)
+        if self.dtype is torch.bfloat16:
+            with torch.autocast(self.device.type, dtype=self.dtype):
+                keep_ends_float32(module, x)
+            if self.device.type == "cpu":
+                dilated_as_taps(module)
         return _Logits(module, self.device.type, self.dtype)
 
     def __call__(self, x: Tensor) -> Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
         if self._module is None:
-            self._module = self._build()
+            self._module = self._build(x)
         with torch.no_grad():
-            return self._module(x.contiguous(memory_format=torch.channels_last)).contiguous()
+            return self._module(x).contiguous()
 
 
 class CompiledRuntime(ChannelsLastRuntime):
     """:class:`ChannelsLastRuntime` of ``torch.compile`` of the channels-last copy (see the
     module docstring); compiled at the first call of each input shape."""
 
-    def _build(self) -> nn.Module:
-        module = super()._build()
+    def _build(self, x: Tensor) -> nn.Module:
+        module = super()._build(x)
         precision = "fp32" if self.dtype is None else "bf16"
         return torch.compile(module, dynamic=False, options=dict(COMPILE_OPTIONS[precision]))
 
