@@ -209,7 +209,7 @@ def test_bf16_fast_paths_keep_the_first_and_last_convolution_in_float32(name: st
 
     model = _model(name, classes=5)
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    seen: dict[str, torch.dtype] = {}
+    seen: dict[int, torch.dtype] = {}
     for precision in ("fp32", "bf16"):
         runtime = ChannelsLastRuntime(model, torch.device("cpu"), precision)
         runtime(x)
