@@ -22,15 +22,14 @@ from pathlib import Path
 import torch
 
 from denseseg import load_model
+from denseseg.data.datasets.base import IMAGE_SUFFIXES
 from denseseg.data.io import read_image
 from denseseg.engine.benchmark import agreement, benchmark_input, parse_paths
 from denseseg.inference.runtimes import make_runtime
 
-SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-
 
 def _images(folder: Path, every: int, limit: int | None) -> list[Path]:
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES)[::every]
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[::every]
     if not files:
         raise SystemExit(f"--images {folder}: no images")
     return files[:limit] if limit else files

@@ -29,12 +29,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from denseseg import Segmenter, create_model, load_model
+from denseseg import Segmenter, load_model
 from denseseg.data.io import read_image
-from denseseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from denseseg.engine.benchmark import DEFAULT_PATHS, PATHS, benchmark, markdown_table, save_json
+from denseseg.engine.benchmark import (
+    DEFAULT_PATHS,
+    PATHS,
+    benchmark,
+    markdown_table,
+    random_weights_segmenter,
+    save_json,
+)
 
 TARGET_SPEEDUP = 2.5
 TARGET_CAMVID_FPS = 30.0
@@ -43,10 +47,7 @@ TARGET_CAMVID_FPS = 30.0
 def _deeplab(checkpoint: Path | None) -> Segmenter:
     if checkpoint is not None:
         return load_model(checkpoint, device="cpu")
-    torch.manual_seed(0)
-    deeplab = create_model("deeplabv3_resnet50", num_classes=21)
-    meta = {"model_name": "deeplabv3_resnet50", "weights": "random (seed 0)"}
-    return Segmenter(deeplab, mean=IMAGENET_MEAN, std=IMAGENET_STD, device="cpu", meta=meta)
+    return random_weights_segmenter("deeplabv3_resnet50", 21)
 
 
 def _runs(scale: float, deeplab: Path | None) -> list[tuple[str, Segmenter, tuple[int, int]]]:

@@ -483,29 +483,17 @@ def _benchmark_segmenter(
     args: argparse.Namespace, packed: tuple[str, Path | None] | None
 ) -> Segmenter:
     """The Segmenter benchmarked: a packed model, a checkpoint, or a registered architecture
-    with random weights (``--classes`` classes, ImageNet normalisation, seed 0: the same weights
-    every run, so that agreement figures repeat)."""
-    import torch
-
+    with random weights (:func:`denseseg.engine.benchmark.random_weights_segmenter`)."""
     from denseseg.api import load_model
-    from denseseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from denseseg.engine.benchmark import random_weights_segmenter
     from denseseg.inference import Segmenter
-    from denseseg.models import create_model, list_models
+    from denseseg.models import list_models
     from denseseg.pretrained import load_builtin
 
     if packed is not None:
         seg = load_builtin(packed[0], device=args.device, directory=packed[1])
     elif not Path(args.model).exists() and args.model in list_models():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = create_model(args.model, num_classes=args.classes)
-        if getattr(model, "task", "semantic") != "semantic":
-            raise ConfigError(
-                f"{args.model} is an instance model; benchmark measures semantic models"
-            )
-        meta = {"model_name": args.model, "weights": "random (seed 0)"}
-        mean, std = IMAGENET_MEAN[: model.in_channels], IMAGENET_STD[: model.in_channels]
-        seg = Segmenter(model, mean=mean, std=std, device=args.device, meta=meta)
+        seg = random_weights_segmenter(args.model, args.classes, args.device)
     else:
         seg = load_model(args.model, device=args.device)
     if not isinstance(seg, Segmenter):

@@ -49,10 +49,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from denseseg.checkpoint import atomic_write
 from denseseg.choices import DEFAULT_BENCHMARK_PATHS
+from denseseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from denseseg.errors import ConfigError, DensesegError
 from denseseg.inference.fast import PATHS as TORCH_PATHS
 from denseseg.inference.runtimes import make_runtime
 from denseseg.inference.segmenter import Segmenter
+from denseseg.models import create_model
 from denseseg.models.tv_layouts import TorchvisionLayoutModel
 
 log = logging.getLogger("denseseg")
@@ -273,6 +275,24 @@ def benchmark_input(
         resized = F.interpolate(image[None].float(), size=(h, w), mode="bilinear")
         images = resized.round().clamp(0, 255).to(torch.uint8).expand(batch, -1, -1, -1)
     return torch.stack([seg.preprocess(im) for im in images]).to(seg.device)
+
+
+def random_weights_segmenter(name: str, classes: int, device: str | None = "cpu") -> Segmenter:
+    """Registered architecture ``name`` with random weights drawn from seed 0 (the same weights
+    every run, so that agreement figures repeat; the caller's random state is left as it was),
+    ``classes`` classes and ImageNet normalisation.
+
+    Raises:
+        ConfigError: an instance model (the benchmark measures semantic ones).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = create_model(name, num_classes=classes)
+    if getattr(model, "task", "semantic") != "semantic":
+        raise ConfigError(f"{name} is an instance model; benchmark measures semantic models")
+    meta = {"model_name": name, "weights": "random (seed 0)"}
+    mean, std = IMAGENET_MEAN[: model.in_channels], IMAGENET_STD[: model.in_channels]
+    return Segmenter(model, mean=mean, std=std, device=device, meta=meta)
 
 
 # ----------------------------------------------------------------------------- the run
